@@ -22,8 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from harness import (
     RESULTS_DIR,
     PeakMemory,
@@ -37,7 +35,8 @@ from harness import (
     loglog_plot,
     loglog_slope,
     markdown_table,
-    run_case,
+    run_all_cases,
+    skip_record,
     setup_torch,
     time_calls,
     torch_dtype,
@@ -115,22 +114,21 @@ def build_model(spec: dict):
         "bert", "bigbird") else AutoModel.from_config(config, attn_implementation=implementation)
 
 
-def worker(spec: dict) -> None:
+def measure(spec: dict, length: int) -> list[dict]:
+    """Build the model for `length` tokens and measure every mode of the spec on it."""
     import torch
 
-    setup_torch(spec["device"], spec["threads"])
     device, dtype = spec["device"], torch_dtype(spec["dtype"])
-    base = {key: spec[key] for key in ("model", "length", "device", "dtype")}
+    base = {"model": spec["model"], "length": length, "device": device, "dtype": spec["dtype"]}
     try:
-        model = build_model(spec).to(device=device, dtype=dtype)
+        model = build_model({**spec, "length": length}).to(device=device, dtype=dtype)
     except Exception as error:  # a peer that cannot be built at this length is reported, not dropped
-        for mode in spec["modes"]:
-            emit({**base, "mode": mode, "status": "oom" if is_out_of_memory(error) else "error",
-                  "detail": f"{type(error).__name__}: {error}"[:300]})
-        return
+        status = "oom" if is_out_of_memory(error) else "error"
+        return [{**base, "mode": mode, "status": status, "detail": f"{type(error).__name__}: {error}"[:300]}
+                for mode in spec["modes"]]
     parameters = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, spec["vocab_size"], (1, spec["length"]), generator=generator).to(device)
+    input_ids = torch.randint(5, spec["vocab_size"], (1, length), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
 
     def forward() -> torch.Tensor:
@@ -144,6 +142,7 @@ def worker(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    records = []
     for mode in spec["modes"]:
         record = {**base, "mode": mode, "parameters": parameters}
         model.train(mode == "train")
@@ -159,9 +158,27 @@ def worker(spec: dict) -> None:
                 raise
             record.update(status="oom", detail=f"{type(error).__name__}: {error}"[:300])
             optimizer.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        emit(record)
+        records.append(record)
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def worker(spec: dict) -> None:
+    """Measure one model at every length of the spec (ascending); after an OOM, longer lengths are skipped."""
+    setup_torch(spec["device"], spec["threads"])
+    base = {"model": spec["model"], "device": spec["device"], "dtype": spec["dtype"]}
+    failed = None
+    for length in sorted(spec["lengths"]):
+        if failed:
+            for mode in spec["modes"]:
+                emit(skip_record(base, length, mode, failed))
+            continue
+        for record in measure(spec, length):
+            emit(record)
+            if record["status"] == "oom":
+                failed = {"status": "oom", "length": length}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,8 +240,12 @@ def summarise(records: list[dict], lengths: list[int]) -> dict:
     return summary
 
 
+def report_stem(args) -> Path:
+    return Path(args.out_dir) / f"encoder_{args.device}{args.suffix}"
+
+
 def write_reports(records: list[dict], summary: dict, args, settings: dict) -> Path:
-    stem = RESULTS_DIR / f"encoder_{args.device}{args.suffix}"
+    stem = report_stem(args)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "summary": summary, "records": records}, indent=1))
@@ -297,9 +318,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=15.0, help="time budget for the timed repeats of a mode")
-    parser.add_argument("--case-timeout", type=float, default=300.0, help="kill a (model, length) process after")
+    parser.add_argument("--case-timeout", type=float, default=300.0,
+                        help="kill a measurement process after this many seconds (per length)")
     parser.add_argument("--max-memory-gb", type=float, default=12.0, help="CPU address-space cap per process")
     parser.add_argument("--suffix", default="", help="appended to the output file names")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON / markdown / PNG go")
+    parser.add_argument("--group", choices=("case", "model"), default=None,
+                        help="one process per (model, length) [cpu default: exact memory] or per model [cuda default]")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (short lengths, small model)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -308,6 +333,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.repeats, args.budget_s, args.suffix = 2, 2.0, args.suffix or "_quick"
     args.lengths = args.lengths or [1024, 2048, 4096, 8192, 16384]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.group = args.group or ("model" if args.device == "cuda" else "case")
     return args
 
 
@@ -336,17 +362,14 @@ def main(argv: list[str]) -> None:
         attn_implementation="sdpa", threads=args.threads, warmup=args.warmup, repeats=args.repeats,
         budget_s=args.budget_s, modes=args.modes,
     )
-    cases = [(model, length) for length in args.lengths for model in (OURS, *PEERS) if model in args.models]
-    records = []
-    progress = tqdm(cases, desc="encoder", unit="case")
-    for model, length in progress:
-        progress.set_postfix_str(f"{model} {format_length(length)}")
-        records += run_case(Path(__file__), {**common, "model": model, "length": length},
-                            args.case_timeout, args.max_memory_gb)
-    settings = {key: value for key, value in vars(args).items()}
-    settings["environment"] = environment_info(args.device)
-    summary = summarise(records, args.lengths)
-    stem = write_reports(records, summary, args, settings)
+    models = [model for model in (OURS, *PEERS) if model in args.models]
+    settings = dict(vars(args), environment=environment_info(args.device))
+
+    def report(records: list[dict]) -> Path:
+        return write_reports(records, summarise(records, args.lengths), args, settings)
+
+    run_all_cases(Path(__file__), common, models, args.lengths, args, report, "encoder")
+    stem = report_stem(args)
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.json/.md/.png")
 

@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from harness import (
     RESULTS_DIR,
     PeakMemory,
@@ -45,7 +43,8 @@ from harness import (
     loglog_plot,
     loglog_slope,
     markdown_table,
-    run_case,
+    run_all_cases,
+    skip_record,
     setup_torch,
     synchronize,
     time_calls,
@@ -198,21 +197,32 @@ def train_worker(spec: dict, model, record: dict) -> None:
 
 
 def worker(spec: dict) -> None:
+    """Measure one model at every length of the spec (ascending); after an OOM, longer lengths are skipped."""
     import torch
 
     setup_torch(spec["device"], spec["threads"])
     mode = spec["modes"][0]
-    record = {key: spec[key] for key in ("model", "length", "device", "dtype")} | {"mode": mode}
-    try:
-        positions = spec["length"] + spec["decode_steps"] + 8
-        model = build_model(spec, positions).to(device=spec["device"], dtype=torch_dtype(spec["dtype"]))
-        record["parameters"] = sum(p.numel() for p in model.parameters())
-        (decode_worker if mode == "decode" else train_worker)(spec, model, record)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        record.update(status="oom", detail=f"{type(error).__name__}: {error}"[:300])
-    emit(record)
+    base = {key: spec[key] for key in ("model", "device", "dtype")}
+    failed = None
+    for length in sorted(spec["lengths"]):
+        if failed:
+            emit(skip_record(base, length, mode, failed))
+            continue
+        record = {**base, "length": length, "mode": mode}
+        try:
+            model = build_model(spec, length + spec["decode_steps"] + 8)
+            model = model.to(device=spec["device"], dtype=torch_dtype(spec["dtype"]))
+            record["parameters"] = sum(p.numel() for p in model.parameters())
+            (decode_worker if mode == "decode" else train_worker)({**spec, "length": length}, model, record)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            record.update(status="oom", detail=f"{type(error).__name__}: {error}"[:300])
+            failed = {"status": "oom", "length": length}
+        model = None
+        if spec["device"] == "cuda":
+            torch.cuda.empty_cache()
+        emit(record)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +271,7 @@ def summarise(records: list[dict], contexts: list[int]) -> dict:
 
 
 def write_reports(records: list[dict], summary: dict, args, settings: dict) -> Path:
-    stem = RESULTS_DIR / f"generation_{args.device}{args.suffix}"
+    stem = Path(args.out_dir) / f"generation_{args.device}{args.suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "summary": summary, "records": records}, indent=1))
@@ -339,9 +349,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps")
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps")
     parser.add_argument("--budget-s", type=float, default=30.0, help="time budget of the timed training steps")
-    parser.add_argument("--case-timeout", type=float, default=300.0)
+    parser.add_argument("--case-timeout", type=float, default=300.0,
+                        help="kill a measurement process after this many seconds (per context)")
     parser.add_argument("--max-memory-gb", type=float, default=12.0, help="CPU address-space cap per process")
-    parser.add_argument("--suffix", default="")
+    parser.add_argument("--suffix", default="", help="appended to the output file names")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON / markdown / PNG go")
+    parser.add_argument("--group", choices=("case", "model"), default=None,
+                        help="one process per (model, context) [cpu default] or per model [cuda default]")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the records of the modes not measured now from the existing JSON")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -351,6 +368,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.suffix = args.suffix or "_quick"
     args.contexts = args.contexts or [1024, 4096, 16384, 65536]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.group = args.group or ("model" if args.device == "cuda" else "case")
     args.peer_prefill = args.peer_prefill or ("real" if args.device == "cuda" else "synthetic")
     return args
 
@@ -367,18 +385,25 @@ def main(argv: list[str]) -> None:
         peer_prefill=args.peer_prefill, prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
         threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s,
     )
-    cases = [(m, c, "decode") for c in args.contexts for m in (OURS, *PEERS) if m in args.models]
-    if not args.no_train:
-        cases += [(m, args.train_length, "train") for m in (OURS, "gpt2") if m in args.models]
-    records = []
-    progress = tqdm(cases, desc="generation", unit="case")
-    for model, length, mode in progress:
-        progress.set_postfix_str(f"{model} {format_length(length)} {mode}")
-        spec = {**common, "model": model, "length": length, "modes": [mode]}
-        records += run_case(Path(__file__), spec, args.case_timeout, args.max_memory_gb)
+    models = [m for m in (OURS, *PEERS) if m in args.models]
     settings = dict(vars(args), environment=environment_info(args.device))
-    summary = summarise(records, args.contexts)
-    stem = write_reports(records, summary, args, settings)
+    records: list[dict] = []
+    measured = {mode for mode, skipped in (("decode", args.no_decode), ("train", args.no_train)) if not skipped}
+    previous = Path(args.out_dir) / f"generation_{args.device}{args.suffix}.json"
+    if args.append and previous.exists():
+        records = [r for r in json.loads(previous.read_text())["records"] if r["mode"] not in measured]
+
+    def report(new: list[dict]) -> Path:
+        return write_reports(records + new, summarise(records + new, args.contexts), args, settings)
+
+    if not args.no_decode:
+        records += run_all_cases(Path(__file__), {**common, "modes": ["decode"]}, models, args.contexts, args,
+                                 report, "generation")
+    if not args.no_train:
+        trained = [m for m in (OURS, "gpt2") if m in models]
+        records += run_all_cases(Path(__file__), {**common, "modes": ["train"]}, trained, [args.train_length],
+                                 args, report, "training")
+    stem = report([])  # every record is in `records` now
     print(stem.with_suffix(".md").read_text())
     print(f"wrote {stem}.json/.md/.png")
 

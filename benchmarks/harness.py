@@ -170,10 +170,10 @@ def _limit_address_space(max_gb: float) -> Callable[[], None] | None:
 
 
 def run_case(script: Path, spec: dict, timeout_s: float, max_memory_gb: float = 0.0) -> list[dict]:
-    """Run `script --worker <spec>` in a fresh interpreter and return the records it printed.
+    """Run `script --worker <spec>` in a fresh interpreter and return one record per (length, mode).
 
-    The worker prints one JSON line per finished measurement, so a case killed half-way keeps what it
-    finished. The parent fills the rest in with `expected_records` failures. The failure ``status`` is
+    The worker prints one JSON line per finished measurement, so a process killed half-way keeps what it
+    finished; every (length, mode) of the spec without a line gets a failure record whose ``status`` is
     ``timeout`` (killed at `timeout_s`), ``oom`` (allocation failed, the CPU address-space cap
     `max_memory_gb` included, or killed by the kernel) or ``error``.
     """
@@ -182,8 +182,8 @@ def run_case(script: Path, spec: dict, timeout_s: float, max_memory_gb: float = 
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     command = [sys.executable, str(script), "--worker", json.dumps(spec)]
     # The address-space cap only makes sense on CPU: CUDA reserves large virtual ranges.
-    preexec = _limit_address_space(max_memory_gb) if spec.get("device", "cpu") == "cpu" else None
-    failure = None
+    preexec = _limit_address_space(max_memory_gb) if spec["device"] == "cpu" else None
+    failure = {"status": "error", "detail": "the worker printed no record"}
     try:
         proc = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout_s, env=env, preexec_fn=preexec
@@ -195,14 +195,54 @@ def run_case(script: Path, spec: dict, timeout_s: float, max_memory_gb: float = 
             failure = {"status": "oom" if oom else "error", "detail": tail}
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-        failure = {"status": "timeout", "detail": f"killed after {timeout_s:.0f}s"}
+        failure = {"status": "timeout", "detail": f"process killed after {timeout_s:.0f}s"}
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    done = {record["mode"] for record in records}
-    for mode in spec["modes"]:
-        if mode not in done:
-            records.append({**spec, "mode": mode, **(failure or {"status": "error", "detail": "no record"})})
-    for record in records:
-        record.pop("modes", None)
+    done = {(record["length"], record["mode"]) for record in records}
+    base = {key: spec[key] for key in ("model", "device", "dtype")}
+    for length in spec["lengths"]:
+        for mode in spec["modes"]:
+            if (length, mode) not in done:
+                records.append({**base, "length": length, "mode": mode, **failure})
+    return records
+
+
+def skip_record(base: dict, length: int, mode: str, reason: dict) -> dict:
+    """The record of a length not attempted because a shorter one already failed (worker side)."""
+    return {**base, "length": length, "mode": mode, "status": reason["status"],
+            "detail": f"not attempted: {reason['status']} at {reason['length']} tokens"}
+
+
+def run_all_cases(script: Path, common: dict, models: Sequence[str], lengths: Sequence[int], args,
+                  report: Callable[[list[dict]], object], desc: str) -> list[dict]:
+    """Measure every (model, length) for `common["modes"]`, one process per case (``args.group == "case"``,
+    exact CPU memory) or per model (``"model"``: saves the start-up of a process per case on CUDA).
+
+    After a timeout or OOM at one length, a model's longer lengths are reported as not attempted. `report`
+    is called with all records after every process, so a run stopped half-way leaves valid reports.
+    """
+    from tqdm import tqdm
+
+    lengths = sorted(lengths)
+    if args.group == "model":
+        batches = [(model, lengths) for model in models]
+    else:
+        batches = [(model, [length]) for length in lengths for model in models]
+    records: list[dict] = []
+    failed: dict[str, dict] = {}
+    progress = tqdm(batches, desc=desc, unit="process")
+    for model, batch in progress:
+        base = {"model": model, "device": common["device"], "dtype": common["dtype"]}
+        if model in failed:
+            records += [skip_record(base, length, mode, failed[model]) for length in batch for mode in common["modes"]]
+            continue
+        progress.set_postfix_str(f"{model} {','.join(format_length(length) for length in batch)}")
+        spec = {**common, "model": model, "lengths": batch}
+        new = run_case(script, spec, args.case_timeout * len(batch), args.max_memory_gb)
+        records += new
+        for record in new:
+            if record["status"] in ("oom", "timeout") and model not in failed:
+                failed[model] = {"status": record["status"], "length": record["length"]}
+        report(records)
     return records
 
 

@@ -39,6 +39,21 @@ for _auto_class, _model_class in (
     _model_class.register_for_auto_class(_auto_class.__name__)
 
 # --- decoder family (hierarchical_xl) ---
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .cache_hierarchical_xl import HierarchicalXLCache
+from .configuration_hierarchical_xl import HierarchicalXLConfig
+from .modeling_hierarchical_xl import HierarchicalXLForCausalLM, HierarchicalXLModel, HierarchicalXLPreTrainedModel
+from .recurrence import iter_segments, segment_lm_step
+from .tokenization_byte import ByteTokenizer
+
+AutoConfig.register(HierarchicalXLConfig.model_type, HierarchicalXLConfig, exist_ok=True)
+HierarchicalXLConfig.register_for_auto_class("AutoConfig")
+for _auto_class, _model_class in ((AutoModel, HierarchicalXLModel), (AutoModelForCausalLM, HierarchicalXLForCausalLM)):
+    _auto_class.register(HierarchicalXLConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
+AutoTokenizer.register(HierarchicalXLConfig, tokenizer_class=ByteTokenizer, exist_ok=True)
+ByteTokenizer.register_for_auto_class("AutoTokenizer")
 
 # --- documents and data ---
 from .data import load_20newsgroups, load_news_articles, load_text_files

@@ -329,8 +329,7 @@ def read_attention_mask(
     """Validate a 2D mask for this chunk -> (real tokens [B], leading padding [B], row ends with padding [B])."""
     device = seen.device
     if attention_mask is None:
-        full = torch.full((batch,), length, device=device)
-        return full, torch.zeros_like(full), torch.zeros(batch, dtype=torch.bool, device=device)
+        attention_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
     past = cache.get_seq_length() if cache is not None else 0
     if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
         raise ValueError(

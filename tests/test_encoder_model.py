@@ -228,7 +228,8 @@ def test_attentions_per_level_have_documented_shapes_and_rows_sum_to_one(summary
         assert len(outputs.patch_pooling_weights) == 2 and len(outputs.section_pooling_weights) == 1
         patch_pool, section_pool = outputs.patch_pooling_weights[-1], outputs.section_pooling_weights[0]
         assert patch_pool.shape == (2, n_patches, PATCH) and section_pool.shape == (2, n_sections, SECTION)
-        torch.testing.assert_close(patch_pool[0].sum(-1), torch.ones(n_patches))
+        torch.testing.assert_close(patch_pool[0, :5].sum(-1), torch.ones(5))  # row 0: 19 tokens, patch 5 empty
+        assert patch_pool[0, 5].abs().max() == 0
         assert patch_pool[1, 1, 2:].abs().max() == 0 and patch_pool[1, 2:].abs().max() == 0
     assert model(input_ids).token_attentions is None  # only on request
 
@@ -246,13 +247,16 @@ def test_attentions_per_level_have_documented_shapes_and_rows_sum_to_one(summary
     ],
 )
 def test_every_token_sees_the_whole_document(layout, summary_type, reaches):
+    """The first token's final state depends on the last token of the last section (Jacobian != 0) exactly when the
+    layout lets information climb to the document and come back down (3 layers with all levels)."""
     model = tiny_model(hierarchy_layout=layout, summary_type=summary_type)
     input_ids = torch.randint(1, 50, (1, 32))  # 4 sections
-    perturbed = input_ids.clone()
-    perturbed[0, -1] = (input_ids[0, -1] % 49) + 1
-    first = model(input_ids).last_hidden_state[0, 0]
-    changed = model(perturbed).last_hidden_state[0, 0]
-    assert (first - changed).abs().max().item() > 1e-4 if reaches else torch.equal(first, changed)
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+    first_token = model(inputs_embeds=embeds).last_hidden_state[0, 0]
+    (first_token * torch.randn(32)).sum().backward()
+    influence = embeds.grad[0, -1].abs().max().item()
+    assert influence > 0 if reaches else influence == 0
+    assert embeds.grad[0, 1:PATCH].abs().max() > 0  # its own patch always counts
 
 
 # --- inputs -------------------------------------------------------------------------------------------------------
@@ -330,11 +334,17 @@ def test_masked_lm_is_tied_and_stays_tied_after_save_and_load(tmp_path):
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
 
 
-def test_classifier_learns_a_long_range_task():
-    """Label = whether a marker token occurs anywhere in a 64-token document (8 sections of 8 tokens)."""
+@pytest.mark.parametrize("summary_type, initializer_range", [("slot", 0.2), ("attention_pooling", 0.02)])
+def test_classifier_learns_a_long_range_task(summary_type, initializer_range):
+    """Label = whether a marker token occurs anywhere in a 64-token document (8 sections of 8 tokens).
+
+    In a 32-wide model every attention hop at BERT's init (std 0.02) shrinks a signal ~100x, so slot summaries (three
+    hops from a token to the document) start almost blind; a larger init stands in for the width of a real model.
+    """
     torch.manual_seed(0)
-    model = HierarchicalForSequenceClassification(tiny_config(num_labels=2)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    config = tiny_config(num_labels=2, summary_type=summary_type, initializer_range=initializer_range)
+    model = HierarchicalForSequenceClassification(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     marker = 1
 
     def batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +354,7 @@ def test_classifier_learns_a_long_range_task():
         input_ids[labels.bool(), positions[labels.bool()]] = marker
         return input_ids, labels
 
-    for _ in range(150):
+    for _ in range(125):
         input_ids, labels = batch()
         optimizer.zero_grad()
         model(input_ids, labels=labels).loss.backward()
@@ -353,4 +363,4 @@ def test_classifier_learns_a_long_range_task():
     input_ids, labels = batch(256)
     with torch.no_grad():
         accuracy = (model(input_ids).logits.argmax(-1) == labels).float().mean().item()
-    assert accuracy > 0.9, accuracy
+    assert accuracy > 0.95, accuracy

@@ -182,6 +182,13 @@ def build_config(config_class: type, values: dict[str, Any]):
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown run-config field(s) {unknown}; the fields are {sorted(fields)}")
+    for field in dataclasses.fields(config_class):  # YAML 1.1 reads "3e-3" as a string
+        value = values.get(field.name)
+        if str(field.type).split(" |")[0] == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                values[field.name] = float(value)
+            except ValueError:
+                raise ValueError(f"{field.name} must be a number, got {value!r}") from None
     config = config_class(**values)
     config.validate()
     return config
@@ -315,6 +322,13 @@ class Objective(Protocol):
         """-> (summed NLL in nats, number of predicted tokens, number of UTF-8 bytes they cover), as tensors."""
 
 
+def cpu_only() -> bool:
+    """No GPU (or other accelerator): processes must ask accelerate for CPU explicitly, otherwise a multi-process
+    launch (`accelerate launch --multi_gpu --num_processes 2`, torchrun) gives independent single-process runs
+    instead of gloo DDP."""
+    return not torch.accelerator.is_available()
+
+
 def resolve_mixed_precision(value: str) -> str | None:
     if value != "auto":
         return value
@@ -383,6 +397,7 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
     if "tensorboard" in config.trackers:
         trackers.append("tensorboard")
     accelerator = Accelerator(
+        cpu=cpu_only(),
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with=trackers or None,

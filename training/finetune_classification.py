@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `training` and `hier_tran
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.common import (  # noqa: E402
-    MIXED_PRECISION, REPO_ROOT, JSONLinesTracker, load_tokenizer, parse_run_args,
+    MIXED_PRECISION, REPO_ROOT, JSONLinesTracker, cpu_only, load_tokenizer, parse_run_args,
 )
 from model_cards.generate_card import write_card  # noqa: E402
 from training.push_to_hub import push_folder  # noqa: E402
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging_steps=config.logging_steps, eval_strategy=config.eval_strategy, eval_steps=config.eval_steps,
         save_strategy=config.save_strategy, save_total_limit=2, bf16=bf16, fp16=config.mixed_precision == "fp16",
         report_to=config.report_to or "none", dataloader_drop_last=False,
-        remove_unused_columns=True,
+        remove_unused_columns=True, use_cpu=cpu_only(),  # on a CPU-only machine: gloo DDP under a multi-process launch
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs" / "tensorboard"))
     tracker = JSONLinesTracker(config.model_name, output_dir / "logs")

@@ -1,0 +1,261 @@
+"""HierarchicalXL decoder: visibility rule, causality, exact recurrence, padding, attention backends, TBPTT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM, segment_lm_step
+from hier_transformers.modeling_blocks import apply_rotary
+
+
+def tiny_config(**overrides) -> HierarchicalXLConfig:
+    values = dict(
+        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        patch_size=4, local_window=6, max_patch_summaries=3, section_size=2, max_section_summaries=2,
+    )
+    return HierarchicalXLConfig(**(values | overrides))
+
+
+def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
+    torch.manual_seed(0)
+    return HierarchicalXLForCausalLM(tiny_config(**overrides)).eval()
+
+
+def run_segments(model, input_ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Logits of `input_ids` fed in consecutive chunks of the given sizes (cycled), cache carried."""
+    cache, logits, start, step = HierarchicalXLCache(model.config), [], 0, 0
+    while start < input_ids.shape[1]:
+        size = sizes[step % len(sizes)]
+        output = model(input_ids[:, start : start + size], cache=cache, use_cache=True)
+        logits.append(output.logits)
+        cache, start, step = output.cache, start + size, step + 1
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(patch_size=0), "patch_size"),
+        (dict(local_window=2), "local_window"),
+        (dict(section_size=1), "section_size"),
+        (dict(max_section_summaries=0), "max_section_summaries"),
+        (dict(hidden_size=30), "hidden_size"),
+        (dict(attention_dropout=1.5), "attention_dropout"),
+        (dict(max_patch_summaries=0), "max_patch_summaries"),
+    ],
+)
+def test_config_rejects_invalid_values(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_config_round_trips_every_knob(tmp_path):
+    config = tiny_config(section_size=None, rope_theta=500.0, tie_word_embeddings=False)
+    config.save_pretrained(tmp_path)
+    loaded = HierarchicalXLConfig.from_pretrained(tmp_path)
+    for name in ("patch_size", "local_window", "max_patch_summaries", "section_size", "rope_theta", "tie_word_embeddings"):
+        assert getattr(loaded, name) == getattr(config, name)
+    assert loaded.patch_memory == 3 and loaded.section_memory == 0
+
+
+def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """Output of the first layer written as one dense [N, N + patches + sections] attention, straight from the rule:
+    tokens t - W < s <= t; patch j (complete iff (j + 1) P <= t) visible among the most recent; older ones folded
+    into sections of Q patches (mean of their summaries) once all Q are older than the M most recent; MS sections."""
+    config, layer = model.config, model.model.layers[0]
+    attn = layer.self_attn
+    P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
+                      config.max_section_summaries)
+    hidden = model.model.embed_tokens(input_ids)  # [1, N, H]
+    N = hidden.shape[1]
+    x = layer.input_layernorm(hidden)
+    cos, sin = model.model.rotary_emb(torch.arange(N), x.dtype)
+    q, k, v = attn.project(x)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    n_patches = N // P
+    pooled, _ = attn.pooling(x[:, : n_patches * P].reshape(1, n_patches, P, -1), torch.ones(1, n_patches, P, dtype=torch.bool))
+    patch_cos, patch_sin = model.model.rotary_emb(torch.arange(1, n_patches + 1) * P - 1, x.dtype)
+    pk = apply_rotary(attn.split_heads(attn.k_proj(pooled)), patch_cos, patch_sin)
+    pv = attn.split_heads(attn.v_proj(pooled))
+    n_sections = n_patches // Q
+    sk = pk[:, :, : n_sections * Q].unflatten(2, (n_sections, Q)).mean(3)
+    sv = pv[:, :, : n_sections * Q].unflatten(2, (n_sections, Q)).mean(3)
+    mask = torch.zeros(N, N + n_patches + n_sections, dtype=torch.bool)
+    for t in range(N):
+        complete = [j for j in range(n_patches) if (j + 1) * P <= t]
+        folded = max(len(complete) - M, 0) // Q  # sections whose patches all left the M most recent
+        for s in range(N):
+            mask[t, s] = t - W < s <= t
+        for j in complete:
+            mask[t, N + j] = j >= folded * Q
+        for section in range(folded):
+            mask[t, N + n_patches + section] = section >= folded - MS
+    keys, values = torch.cat([k, pk, sk], 2), torch.cat([v, pv, sv], 2)
+    attended, _ = attn.attend(q, keys, values, mask[None, None])
+    hidden = hidden + attended
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@pytest.mark.parametrize("length", [23, 64])
+def test_block_local_forward_equals_dense_rule(length):
+    model = tiny_model(num_hidden_layers=1)
+    input_ids = torch.randint(4, 40, (1, length))
+    with torch.no_grad():
+        ours = model(input_ids, use_cache=False, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(ours, dense_reference(model, input_ids), atol=1e-5, rtol=1e-5)
+        cached = model.model(input_ids[:, :7], use_cache=True)
+        rest = model.model(input_ids[:, 7:], cache=cached.cache, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(rest, dense_reference(model, input_ids)[:, 7:], atol=1e-5, rtol=1e-5)
+
+
+def test_causality_gradients_never_flow_from_the_future():
+    model = tiny_model()
+    embeds = model.model.embed_tokens(torch.randint(4, 40, (1, 40))).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    for t in (0, 3, 4, 7, 8, 21, 38):  # around patch (4) and section (8) boundaries
+        (grad,) = torch.autograd.grad(logits[0, t].sum(), embeds, retain_graph=True)
+        assert grad[0, t + 1 :].abs().max() == 0
+        assert grad[0, t].abs().max() > 0
+
+
+def test_causality_perturbing_future_tokens_keeps_past_logits():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 50))
+    with torch.no_grad():
+        reference = model(input_ids, use_cache=False).logits
+        for t in (0, 5, 11, 12, 30):
+            for k in (1, 4, 9):
+                if t + k >= 50:
+                    continue
+                changed = input_ids.clone()
+                changed[:, t + k] = (changed[:, t + k] + 7) % 36 + 4
+                torch.testing.assert_close(model(changed, use_cache=False).logits[:, : t + 1], reference[:, : t + 1], atol=0, rtol=0)
+                segmented = run_segments(model, changed, [3, 5])
+                torch.testing.assert_close(segmented[:, : t + 1], reference[:, : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_summary_becomes_visible_only_when_its_patch_completes():
+    """A token far outside the window reaches position t only through its patch summary, from (j + 1) * P on."""
+    model = tiny_model(num_hidden_layers=1, local_window=4, max_patch_summaries=8, section_size=None)
+    embeds = model.model.embed_tokens(torch.randint(4, 40, (1, 24))).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    source = 1  # in patch 0 = positions 0..3, outside the 4-token window from t >= 5
+    for t in range(5, 24):
+        (grad,) = torch.autograd.grad(logits[0, t].sum(), embeds, retain_graph=True)
+        assert (grad[0, source].abs().max() > 0) == (t >= 4), t
+
+
+@pytest.mark.parametrize("section_size", [2, None])
+@pytest.mark.parametrize("length", [20, 90])  # 90 tokens: far past every bound (window 6, 3 patches, 2 sections)
+def test_one_call_equals_segments_equals_token_by_token(section_size, length):
+    model = tiny_model(section_size=section_size)
+    input_ids = torch.randint(4, 40, (2, length))
+    P = model.config.patch_size
+    with torch.no_grad():
+        reference = model(input_ids, use_cache=False).logits
+        for sizes in ([1], [P - 1], [P], [2 * P + 3], [5, 1, 13], [length]):
+            torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_equals_sdpa():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 45))
+    with torch.no_grad():
+        sdpa = model(input_ids, use_cache=False).logits
+        model.set_attn_implementation("eager")
+        eager = model(input_ids, use_cache=False).logits
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_gives_each_row_its_own_logits():
+    model = tiny_model()
+    rows = [torch.randint(4, 40, (n,)) for n in (31, 9, 1)]
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :], attention_mask[i, width - len(row) :] = row, 1
+    with torch.no_grad():
+        batch = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        more = torch.randint(4, 40, (len(rows), 6))
+        continued = model(more, attention_mask=torch.cat([attention_mask, torch.ones_like(more)], 1), cache=batch.cache)
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, more[i]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(batch.logits[i, width - len(row) :], alone[: len(row)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(continued.logits[i], alone[len(row) :], atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_is_fine_in_one_call_but_cannot_be_continued():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 13:] = 0
+    with torch.no_grad():
+        output = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        alone = model(input_ids[1:, :13], use_cache=False).logits
+        torch.testing.assert_close(output.logits[1, :13], alone[0], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="padding_side = 'left'"):
+            model(input_ids[:, :1], cache=output.cache)
+        holes = attention_mask.clone()
+        holes[0, 5] = 0
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            model(input_ids, attention_mask=holes)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 10))
+    with pytest.raises(ValueError, match="exactly one of `input_ids` or `inputs_embeds`"):
+        model(input_ids=input_ids, inputs_embeds=model.model.embed_tokens(input_ids))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids, attention_mask=torch.ones(2, 7))
+    cache = model(input_ids, use_cache=True).cache
+    with pytest.raises(ValueError, match="batch size"):
+        model(input_ids[:1], cache=cache)
+    with pytest.raises(ValueError, match="cannot remove tokens"):
+        cache.crop(-1)
+
+
+def test_cache_batch_operations_follow_the_rows():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 17))
+    more = torch.randint(4, 40, (2, 5))
+    with torch.no_grad():
+        cache = model(input_ids, use_cache=True).cache
+        cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        cache.reorder_cache(torch.tensor([3, 0, 2, 1]))  # rows 1, 0, 1, 0
+        cache.batch_select_indices(torch.tensor([0, 1]))  # rows 1, 0
+        swapped = model(more.flip(0), cache=cache).logits
+        reference = model(torch.cat([input_ids, more], 1), use_cache=False).logits[:, 17:]
+    torch.testing.assert_close(swapped, reference.flip(0), atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 22 and cache.seen.tolist() == [22, 22]
+
+
+def test_segment_lm_step_gradients_match_explicit_detached_segments():
+    model = tiny_model()
+    model.train()
+    input_ids = torch.randint(4, 40, (2, 37))
+    loss_sum, n_tokens, cache = segment_lm_step(model, input_ids, segment_length=10, backward=torch.Tensor.backward)
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    # explicit: each segment's memory built WITHOUT gradient by a one-call forward of its prefix
+    targets = input_ids[:, 1:]
+    for start in range(0, 37, 10):
+        prefix_cache = HierarchicalXLCache(model.config)
+        if start:
+            with torch.no_grad():
+                model(input_ids[:, :start], cache=prefix_cache, use_cache=True)
+        logits = model(input_ids[:, start : start + 10], cache=prefix_cache, use_cache=True).logits
+        segment_targets = targets[:, start : start + 10]
+        logits = logits[:, : segment_targets.shape[1]]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), segment_targets.reshape(-1), reduction="sum")
+        (loss / targets.numel()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        full = model(input_ids, labels=input_ids, use_cache=False).loss
+    assert n_tokens == 72 and cache.seen.tolist() == [37, 37]
+    torch.testing.assert_close(loss_sum / n_tokens, full, atol=1e-5, rtol=1e-5)
+    assert all(not tensor.requires_grad for layer in cache.layers for tensor in layer.state.values())

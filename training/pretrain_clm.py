@@ -1,0 +1,115 @@
+"""Causal-LM pretraining of HierarchicalXLForCausalLM with Accelerate, Transformer-XL style.
+
+The corpus is tokenised (byte level by default), documents joined with EOS and cut into blocks of `block_size` tokens.
+Each block is processed as consecutive segments of `segment_length` tokens with the segment memory (the model's
+cache: local window + patch/section summaries) carried from one segment to the next and detached (truncated BPTT,
+`hier_transformers.recurrence.segment_lm_step`). Evaluation reports bits per byte for byte-level tokenizers.
+
+    python training/pretrain_clm.py --config training/configs/xl_news_small.yaml
+    python training/generate.py runs/xl_news_small/final --prompt "The government said"
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        training/pretrain_clm.py --config training/configs/xl_news_small.yaml --output_dir runs/xl_ddp
+    python training/pretrain_clm.py --config training/configs/xl_news_small.yaml --resume   # continue a run
+
+Any run-config field can be overridden (``--max_steps 50``, ``--model.hidden_size 128``); see training/common.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `training` and `hier_transformers` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hier_transformers.recurrence import segment_lm_step  # noqa: E402
+from training.common import RunConfig, byte_level, parse_run_args, train  # noqa: E402
+
+
+@dataclasses.dataclass
+class CLMRunConfig(RunConfig):
+    tokenizer: str = "byte"
+    model_name: str = "hier-xl"
+    block_size: int = 1024  # tokens per training row (the memory is reset between rows)
+    segment_length: int = 256  # tokens per forward/backward; the memory is carried (detached) across segments
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("block_size", "segment_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
+                raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
+        if self.segment_length > self.block_size:
+            raise ValueError(f"segment_length ({self.segment_length}) must be <= block_size ({self.block_size})")
+
+
+def group_into_blocks(batch: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
+    """Concatenate token lists and cut them into rows of exactly block_size (the remainder of a map batch is dropped)."""
+    stream = [token for ids in batch["input_ids"] for token in ids]
+    usable = len(stream) - len(stream) % block_size
+    return {"input_ids": [stream[start:start + block_size] for start in range(0, usable, block_size)]}
+
+
+def empty_memory(model):
+    """A fresh segment memory for a (possibly DDP-wrapped) HierarchicalXL model."""
+    from hier_transformers import HierarchicalXLCache
+
+    return HierarchicalXLCache(getattr(model, "module", model).config)
+
+
+class CausalLM:
+    task = "causal-lm"
+    pipeline_tag = "text-generation"
+
+    def __init__(self, config: CLMRunConfig):
+        self.config = config
+
+    def build_model(self, config: CLMRunConfig, tokenizer):
+        from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
+
+        special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model_config = HierarchicalXLConfig(vocab_size=len(tokenizer), **special, **config.model)
+        return HierarchicalXLForCausalLM(model_config)
+
+    def build_datasets(self, config: CLMRunConfig, tokenizer, corpus):
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError(f"tokenizer={config.tokenizer!r} has no EOS token to separate documents")
+        self.count_bytes = byte_level(tokenizer)
+        self.first_byte_id = len(tokenizer.all_special_ids) if self.count_bytes else 0
+
+        def tokenize(texts: list[str]) -> dict[str, list[list[int]]]:
+            return {"input_ids": [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]}
+
+        tokenized = corpus.map(tokenize, batched=True, input_columns="text", remove_columns=["text"], desc="tokenize")
+        blocks = tokenized.map(group_into_blocks, batched=True, batch_size=1000,
+                               fn_kwargs={"block_size": config.block_size}, desc=f"blocks of {config.block_size}")
+        for split, part in blocks.items():
+            if len(part) == 0:
+                raise ValueError(f"the {split} split is shorter than one block of block_size={config.block_size} tokens")
+        blocks = blocks.with_format("torch")
+        return blocks["train"], blocks["validation"], None
+
+    def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
+        loss_sum, n_tokens, _ = segment_lm_step(model, batch["input_ids"], self.config.segment_length,
+                                                cache=empty_memory(model), backward=backward)
+        return float(loss_sum), int(n_tokens)
+
+    def eval_step(self, model, batch: dict, seed: int):
+        input_ids = batch["input_ids"]
+        loss_sum, n_tokens, _ = segment_lm_step(model, input_ids, self.config.segment_length,
+                                                cache=empty_memory(model))
+        targets = input_ids[:, 1:]
+        num_bytes = (targets >= self.first_byte_id).sum() if self.count_bytes else torch.zeros((), dtype=torch.long)
+        return torch.as_tensor(loss_sum, device=input_ids.device), torch.as_tensor(n_tokens, device=input_ids.device), num_bytes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, resume = parse_run_args(CLMRunConfig, argv)
+    return train(config, CausalLM(config), resume=resume)
+
+
+if __name__ == "__main__":
+    main()
