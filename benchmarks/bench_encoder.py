@@ -31,6 +31,7 @@ from harness import (
     format_bytes,
     format_length,
     format_seconds,
+    import_ours,
     is_out_of_memory,
     loglog_plot,
     loglog_slope,
@@ -86,8 +87,8 @@ def build_model(spec: dict):
     )
     length, name = spec["length"], spec["model"]
     if name == OURS:
-        from hier_transformers import HierarchicalConfig, HierarchicalModel
-
+        (HierarchicalConfig,) = import_ours("configuration_hierarchical", "HierarchicalConfig")
+        (HierarchicalModel,) = import_ours("modeling_hierarchical", "HierarchicalModel")
         config = HierarchicalConfig(**size, **spec["ours_config"])
         zero_dropout(config)
         config._attn_implementation = spec["attn_implementation"]

@@ -39,6 +39,7 @@ from harness import (
     format_bytes,
     format_length,
     format_seconds,
+    import_ours,
     is_out_of_memory,
     loglog_plot,
     loglog_slope,
@@ -77,8 +78,8 @@ def build_model(spec: dict, positions: int):
     vocab, name = spec["vocab_size"], spec["model"]
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if name == OURS:
-        from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
-
+        (HierarchicalXLConfig,) = import_ours("configuration_hierarchical_xl", "HierarchicalXLConfig")
+        (HierarchicalXLForCausalLM,) = import_ours("modeling_hierarchical_xl", "HierarchicalXLForCausalLM")
         config = HierarchicalXLConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=ffn, **spec["ours_config"],

@@ -91,6 +91,30 @@ class PeakMemory:
         self.bytes = max(0, peak - self._base)
 
 
+def import_ours(module: str, *names: str) -> tuple:
+    """`from hier_transformers.<module> import <names>`, also where `import hier_transformers` fails.
+
+    The package's `__init__` also imports its data helpers (and so `datasets`); a GPU machine without them can
+    still load the model files, which only import each other: they are then loaded under a bare package module.
+    """
+    import importlib
+    import types
+
+    try:
+        importlib.import_module("hier_transformers")
+    except ImportError as error:
+        if getattr(error, "name", "") and error.name.startswith("hier_transformers"):
+            raise
+        print(f"note: `import hier_transformers` failed ({error}); loading its model files directly", file=sys.stderr)
+        for key in [key for key in sys.modules if key == "hier_transformers" or key.startswith("hier_transformers.")]:
+            del sys.modules[key]
+        package = types.ModuleType("hier_transformers")
+        package.__path__ = [str(REPO_ROOT / "hier_transformers")]
+        sys.modules["hier_transformers"] = package
+    loaded = importlib.import_module(f"hier_transformers.{module}")
+    return tuple(getattr(loaded, name) for name in names)
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         import torch

@@ -144,7 +144,7 @@ class DocumentPreprocessor:
         if not batch_texts:
             raise ValueError("texts is empty; pass a str or a non-empty list of str.")
         if self.layout == "fixed":
-            documents = [self._fixed(ids) for ids in self.tokenizer(
+            documents = [self._pad_to_patches(ids) for ids in self.tokenizer(
                 batch_texts, add_special_tokens=self.add_special_tokens, verbose=False)["input_ids"]]
         else:
             documents = [self._sentence_layout(sentences) for sentences in self._sentences(batch_texts)]
@@ -171,13 +171,10 @@ class DocumentPreprocessor:
             f"{self.max_length}; raise max_length, drop it, or pass truncation=True to keep its first patches."
         )
 
-    def _pad_patch(self, tokens: list[int]) -> list[tuple[int, int]]:
-        # one patch -> patch_size (token id, attention mask) pairs
+    def _pad_to_patches(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """Tokens -> (token id, attention mask) pairs, padded to a whole number of patches."""
         padding = (-len(tokens)) % self.patch_size
         return [(token, 1) for token in tokens] + [(self.pad_token_id, 0)] * padding
-
-    def _fixed(self, tokens: list[int]) -> list[tuple[int, int]]:
-        return self._pad_patch(tokens)
 
     def _sentences(self, texts: list[str]) -> list[list[tuple[list[int], bool]]]:
         """Per document: (token ids, starts a paragraph) for each sentence, special tokens added around the document."""
@@ -191,7 +188,7 @@ class DocumentPreprocessor:
         else:
             pieces = [text[start:end] for text, starts in zip(texts, all_starts)
                       for (start, _), (end, _) in zip(starts, [*starts[1:], (len(text), True)])]
-            piece_ids = iter(self.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]) if pieces else iter(())
+            piece_ids = iter(self.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"])
             documents = [[(next(piece_ids), new_paragraph) for _, new_paragraph in starts] for starts in all_starts]
         for sentences in documents:  # special tokens go around the first and last sentence that has tokens
             with_tokens = [index for index, (tokens, _) in enumerate(sentences) if tokens] or [0]
@@ -230,7 +227,7 @@ class DocumentPreprocessor:
         empty_patch = [(self.pad_token_id, 0)] * self.patch_size
         for patches in paragraphs:
             for patch in patches:
-                flat.extend(self._pad_patch(patch))
+                flat.extend(self._pad_to_patches(patch))
             missing_patches = (-len(patches)) % self.section_size
             flat.extend(empty_patch * missing_patches)
         return flat

@@ -118,6 +118,8 @@ def hierarchy_text(config: dict) -> str:
                 + (f", older patches folded into section summaries of {config.get('section_size')} patches"
                    if config.get("section_size") else "")
                 + ". Positions are rotary over global token positions, so cached memory is reused as is.")
+    if config.get("model_type") != "hierarchical":
+        return f"No hierarchy: a standard `{config.get('model_type')}` model."
     return (f"Tokens are grouped into patches of {config.get('patch_size')} tokens and patches into sections of "
             f"{config.get('section_size')} patches; each layer runs the levels its `hierarchy_layout` entry names "
             f"(token attention inside a patch, patch attention inside a section, section attention over the document).")
@@ -158,11 +160,15 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_t
                         f"{summary.get('validation_documents', '?')} evaluation documents"
                         + (f"; {summary['tokens_seen']:,} tokens seen in training." if summary.get("tokens_seen")
                            else "."))
+    summary_text = task["summary"]
+    if config.get("model_type") == "bert":  # finetune_classification.py --baseline truncated-minilm
+        summary_text = ("MiniLM-L6 (BERT) fine-tuned on the first 512 tokens of each document: the truncation "
+                        "baseline the hierarchical models are compared with.")
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         model_name=name,
-        summary=task["summary"],
+        summary=summary_text,
         architecture=architecture,
         hierarchy=hierarchy_text(config),
         data_description=data_description,
