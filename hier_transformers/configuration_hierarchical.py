@@ -51,10 +51,13 @@ class HierarchicalConfig(PreTrainedConfig):
             `O((N/(P*Q))^2)` against `O(N * P)`), and running them in every layer gives the shortest top-down path
             (document context reaches every token after 3 layers), which is what made HAT's interleaved layout beat
             bottom-up-only stacks.
-        summary_type (`str`, defaults to `"slot"`): `"slot"`: each unit's learned summary slot is its summary;
-            `"attention_pooling"` (HAN): before a level runs, its member summaries are re-initialised by attention
-            pooling over their own members (tokens -> patch summaries, patch summaries -> section summaries); the
-            pooling weights are returned with the attentions.
+        summary_type (`str`, defaults to `"attention_pooling"`): `"attention_pooling"` (HAN): before a level runs,
+            its member summaries are re-initialised by attention pooling over their own members (tokens -> patch
+            summaries, patch summaries -> section summaries); the pooling weights are returned with the attentions.
+            `"slot"`: each unit's learned summary slot is its summary. Pooling is the default because the signal
+            reaches the document summary directly: with freshly initialised higher levels, slot summaries receive
+            the token signal only through attention outputs that start ~100x smaller than the slot embedding, and
+            small fine-tuning runs stayed at chance (measured on 20 Newsgroups, 40 steps: 0.34 vs 0.89 accuracy).
         section_position_type (`str`, defaults to `"rotary"`): positions at the section (document) level: `"rotary"`
             over the section index (unbounded, any document length) or `"none"`.
         section_rope_theta (`float`, defaults to 10000.0): RoPE base of the section level.
@@ -82,7 +85,7 @@ class HierarchicalConfig(PreTrainedConfig):
     patch_size: int = 64
     section_size: int = 8
     hierarchy_layout: list[str] | None = None
-    summary_type: str = "slot"
+    summary_type: str = "attention_pooling"
     section_position_type: str = "rotary"
     section_rope_theta: float = 10000.0
     classifier_dropout: float | None = None

@@ -235,7 +235,8 @@ class HierarchicalLayer(GradientCheckpointingLayer):
             patches = tokens[:, :, 0]  # [B, n_patches, H]
             if self.patch_pooling is not None:
                 patches, pooling = self.patch_pooling(tokens[:, :, 1:], masks.tokens)
-                extras["patch_pooling_weights"] = pooling  # [B, n_patches, P]
+                if output_attentions:
+                    extras["patch_pooling_weights"] = pooling  # [B, n_patches, P]
             units = torch.cat([sections.unsqueeze(2), patches.view(batch_size, n_sections, section_size, hidden)], 2)
             units = units + patch_positions  # [B, n_sections, 1 + Q, H]
             states, weights = self.patch_level(
@@ -252,7 +253,8 @@ class HierarchicalLayer(GradientCheckpointingLayer):
             if self.section_pooling is not None:
                 patches = tokens[:, :, 0].view(batch_size, n_sections, section_size, hidden)
                 sections, pooling = self.section_pooling(patches, masks.patches.view(batch_size, n_sections, -1))
-                extras["section_pooling_weights"] = pooling  # [B, n_sections, Q]
+                if output_attentions:
+                    extras["section_pooling_weights"] = pooling  # [B, n_sections, Q]
             units = torch.cat([document.unsqueeze(1), sections], dim=1)  # [B, 1 + n_sections, H]
             states, weights = self.section_level(units, masks.section_keys, section_rotary, output_attentions)
             document, sections = states[:, 0], states[:, 1:]
