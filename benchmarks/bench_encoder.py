@@ -64,7 +64,7 @@ TARGET_SPEEDUP, TARGET_MEMORY_FRACTION, TARGET_SLOPE, TARGET_LENGTH = 3.0, 1 / 3
 def zero_dropout(config) -> None:
     """Every model is measured without dropout, so that no model pays for random masks the others skip."""
     for name, value in config.to_dict().items():
-        if "dropout" in name and isinstance(value, float):
+        if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):  # GPT-2: attn_pdrop, ...
             setattr(config, name, 0.0)
 
 
@@ -326,6 +326,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON / markdown / PNG go")
     parser.add_argument("--group", choices=("case", "model"), default=None,
                         help="one process per (model, length) [cpu default: exact memory] or per model [cuda default]")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the markdown and PNG from the existing JSON (measures nothing)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (short lengths, small model)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -356,6 +358,12 @@ def main(argv: list[str]) -> None:
         worker(json.loads(argv[1]))
         return
     args = parse_args(argv)
+    if args.report_only:
+        saved = json.loads(report_stem(args).with_suffix(".json").read_text())
+        kept = {"out_dir": args.out_dir, "suffix": args.suffix}
+        args = argparse.Namespace(**{**saved["settings"], **kept})
+        print(write_reports(saved["records"], summarise(saved["records"], args.lengths), args, saved["settings"]))
+        return
     common = dict(
         device=args.device, dtype=args.dtype, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
         num_layers=args.num_layers, num_heads=args.num_heads, intermediate_size=args.intermediate_size,

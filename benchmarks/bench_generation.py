@@ -360,6 +360,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
     parser.add_argument("--append", action="store_true",
                         help="keep the records of the modes not measured now from the existing JSON")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the markdown and PNG from the existing JSON (measures nothing)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = parser.parse_args(argv)
     if args.quick:
@@ -379,6 +381,12 @@ def main(argv: list[str]) -> None:
         worker(json.loads(argv[1]))
         return
     args = parse_args(argv)
+    if args.report_only:
+        saved = json.loads((Path(args.out_dir) / f"generation_{args.device}{args.suffix}.json").read_text())
+        kept = {"out_dir": args.out_dir, "suffix": args.suffix}
+        args = argparse.Namespace(**{**saved["settings"], **kept})
+        print(write_reports(saved["records"], summarise(saved["records"], args.contexts), args, saved["settings"]))
+        return
     common = dict(
         device=args.device, dtype=args.dtype, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
         num_layers=args.num_layers, num_heads=args.num_heads, intermediate_size=args.intermediate_size,

@@ -340,14 +340,16 @@ def environment_info(device: str) -> dict:
 
 
 def loglog_plot(path: Path, panels: Sequence[dict], title: str) -> None:
-    """panels: [{"title", "ylabel", "series": {label: [(x, y), ...]}}] -> one row of log-log subplots."""
+    """panels: [{"title", "ylabel", "series": {label: [(x, y), ...]}}] -> a grid of log-log subplots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
+    columns = 2 if len(panels) == 4 else len(panels)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
         for label, points in panel["series"].items():
             points = [(x, y) for x, y in points if y is not None and y > 0]
             if points:

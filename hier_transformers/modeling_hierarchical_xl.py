@@ -29,7 +29,9 @@ from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, 
 STATE_PREFIX = {"tokens": "token", "patches": "patch", "sections": "section"}  # cache state names per kind
 
 
-def visible_ranges(positions: torch.Tensor, config: HierarchicalXLConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def visible_ranges(
+    positions: torch.Tensor, config: HierarchicalXLConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """THE visibility rule: for each kind of key, the half-open range [lo, hi) of absolute indices that a query at
     each position may attend to (token positions, patch indices, section indices). Same shape as `positions`."""
     done = positions // config.patch_size  # patch j is complete for t iff (j + 1) * patch_size <= t
@@ -279,7 +281,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         memory = {}
         for kind, slots in plan.memory.items():
             for name in ("keys", "values"):
-                memory[f"{STATE_PREFIX[kind]}_{name}"] = hidden_states.new_zeros(batch, self.num_heads, slots, self.head_dim)
+                empty = hidden_states.new_zeros(batch, self.num_heads, slots, self.head_dim)
+                memory[f"{STATE_PREFIX[kind]}_{name}"] = empty
         memory["pool_max"] = hidden_states.new_zeros(batch, dtype=torch.float32)
         memory["pool_sum"] = hidden_states.new_zeros(batch, dtype=torch.float32)
         memory["pool_acc"] = hidden_states.new_zeros(batch, hidden, dtype=torch.float32)
@@ -324,14 +327,20 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
 
 
 def read_attention_mask(
-    attention_mask: torch.Tensor | None, cache: HierarchicalXLCache | None, batch: int, length: int, seen: torch.Tensor
+    attention_mask: torch.Tensor | None,
+    cache: HierarchicalXLCache | None,
+    batch: int,
+    length: int,
+    seen: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a 2D mask for this chunk -> (real tokens [B], leading padding [B], row ends with padding [B])."""
     device = seen.device
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
     past = cache.get_seq_length() if cache is not None else 0
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (length, past + length):
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, attention_mask.shape[1]) or (
+        attention_mask.shape[1] not in (length, past + length)
+    ):
         raise ValueError(
             f"`attention_mask` must be 2D [batch, seq_len] with batch={batch} and seq_len={length} (or {past + length} "
             f"including the cached columns), got shape {tuple(attention_mask.shape)}."
@@ -402,7 +411,9 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         )
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        seen = cache.seen if cache is not None and cache.seen is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        seen = torch.zeros(batch, dtype=torch.long, device=device)
+        if cache is not None and cache.seen is not None:
+            seen = cache.seen
         if seen.shape[0] != batch:
             raise ValueError(f"The cache holds {seen.shape[0]} rows but the inputs have batch size {batch}.")
         num_real, lead, closes = read_attention_mask(attention_mask, cache, batch, length, seen)

@@ -54,7 +54,8 @@ def test_config_round_trips_every_knob(tmp_path):
     config = tiny_config(section_size=None, rope_theta=500.0, tie_word_embeddings=False)
     config.save_pretrained(tmp_path)
     loaded = HierarchicalXLConfig.from_pretrained(tmp_path)
-    for name in ("patch_size", "local_window", "max_patch_summaries", "section_size", "rope_theta", "tie_word_embeddings"):
+    knobs = ("patch_size", "local_window", "max_patch_summaries", "section_size", "rope_theta", "tie_word_embeddings")
+    for name in knobs:
         assert getattr(loaded, name) == getattr(config, name)
     assert loaded.patch_memory == 3 and loaded.section_memory == 0
 
@@ -74,7 +75,8 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     q, k, v = attn.project(x)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     n_patches = N // P
-    pooled, _ = attn.pooling(x[:, : n_patches * P].reshape(1, n_patches, P, -1), torch.ones(1, n_patches, P, dtype=torch.bool))
+    members = x[:, : n_patches * P].reshape(1, n_patches, P, -1)
+    pooled, _ = attn.pooling(members, torch.ones(1, n_patches, P, dtype=torch.bool))
     patch_cos, patch_sin = model.model.rotary_emb(torch.arange(1, n_patches + 1) * P - 1, x.dtype)
     pk = apply_rotary(attn.split_heads(attn.k_proj(pooled)), patch_cos, patch_sin)
     pv = attn.split_heads(attn.v_proj(pooled))
@@ -130,7 +132,8 @@ def test_causality_perturbing_future_tokens_keeps_past_logits():
                     continue
                 changed = input_ids.clone()
                 changed[:, t + k] = (changed[:, t + k] + 7) % 36 + 4
-                torch.testing.assert_close(model(changed, use_cache=False).logits[:, : t + 1], reference[:, : t + 1], atol=0, rtol=0)
+                one_call = model(changed, use_cache=False).logits
+                torch.testing.assert_close(one_call[:, : t + 1], reference[:, : t + 1], atol=0, rtol=0)
                 segmented = run_segments(model, changed, [3, 5])
                 torch.testing.assert_close(segmented[:, : t + 1], reference[:, : t + 1], atol=1e-5, rtol=1e-5)
 
