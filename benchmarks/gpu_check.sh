@@ -22,7 +22,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# (`import hier_transformers` imports hier_transformers.data, which needs datasets -> dill, multiprocess.)
+# (`import hier_transformers` imports hier_transformers.data, which needs datasets -> dill, multiprocess; without
+# them the benchmarks load the model files alone, see harness.import_ours, so only transformers is essential.)
 # transformers 5.24 needs huggingface_hub >= 1.31 and tokenizers >= 0.23.1 (the image had 1.33 / 0.23.2 when
 # last read); if the setup stage says otherwise, add huggingface_hub==2.4.0 / tokenizers==0.23.3 to the wheels.
 set -uo pipefail
@@ -55,16 +56,19 @@ import huggingface_hub, tokenizers, torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", gpu)
 print("transformers", transformers.__version__, "huggingface_hub", huggingface_hub.__version__, "tokenizers", tokenizers.__version__)
-import hier_transformers
-from hier_transformers import HierarchicalModel, HierarchicalXLForCausalLM  # noqa: F401
-print("hier_transformers", hier_transformers.__version__, "imports")
+import sys
+sys.path.insert(0, "benchmarks")
+from harness import import_ours  # falls back to the model files alone where `datasets` is missing
+import_ours("modeling_hierarchical", "HierarchicalModel")
+import_ours("modeling_hierarchical_xl", "HierarchicalXLForCausalLM")
+print("hier_transformers model files import")
 EOF
 }
 
 echo "=== stage setup" | tee -a "$LOG"
 setup > >(tee -a "$LOG") 2>&1  # in this shell, so that its PYTHONPATH stays exported
-if ! python3 -c "import hier_transformers" >>"$LOG" 2>&1; then
-    echo "setup failed: hier_transformers does not import (see $LOG); missing wheels?" | tee -a "$LOG"
+if ! python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from harness import import_ours; import_ours('modeling_hierarchical_xl')" >>"$LOG" 2>&1; then
+    echo "setup failed: the model files do not import (see $LOG); missing wheels (transformers 5.24)?" | tee -a "$LOG"
     exit 1
 fi
 

@@ -5,7 +5,15 @@ Each block is processed as consecutive segments of `segment_length` tokens with 
 cache: local window + patch/section summaries) carried from one segment to the next and detached (truncated BPTT,
 `hier_transformers.recurrence.segment_lm_step`). Evaluation reports bits per byte for byte-level tokenizers.
 
+`model_type: gpt2` trains a full-attention `transformers.GPT2LMHeadModel` baseline through the same loop (same data
+order, optimizer, schedule, steps, batch and held-out blocks): it has no memory and reads each block of `block_size`
+tokens in one call (`n_positions = segment_length = block_size`); `model` then holds only the size fields
+(`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`, `hidden_act`), dropout is 0 as in
+the XL model. Both are evaluated on the same validation blocks, each block's first token given, every later one
+predicted from everything before it in the block.
+
     python training/pretrain_clm.py --config training/configs/xl_news_small.yaml
+    python training/pretrain_clm.py --config training/configs/gpt2_news_small.yaml   # the same-size GPT-2 baseline
     python training/generate.py runs/xl_news_small/final --prompt "The government said"
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         training/pretrain_clm.py --config training/configs/xl_news_small.yaml --output_dir runs/xl_ddp
@@ -28,11 +36,17 @@ if __package__ in (None, ""):  # run as a script: make `training` and `hier_tran
 from hier_transformers.recurrence import segment_lm_step  # noqa: E402
 from training.common import RunConfig, byte_level, parse_run_args, train  # noqa: E402
 
+MODEL_TYPES = ("hierarchical_xl", "gpt2")
+# run-config `model` field -> GPT2Config field, for the full-attention baseline (no hierarchy fields apply to it)
+GPT2_FIELDS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+               "intermediate_size": "n_inner", "hidden_act": "activation_function"}
+
 
 @dataclasses.dataclass
 class CLMRunConfig(RunConfig):
     tokenizer: str = "byte"
     model_name: str = "hier-xl"
+    model_type: str = "hierarchical_xl"  # or "gpt2": a same-size full-attention baseline reading a block per call
     block_size: int = 1024  # tokens per training row (the memory is reset between rows)
     segment_length: int = 256  # tokens per forward/backward; the memory is carried (detached) across segments
 
@@ -43,6 +57,16 @@ class CLMRunConfig(RunConfig):
                 raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
         if self.segment_length > self.block_size:
             raise ValueError(f"segment_length ({self.segment_length}) must be <= block_size ({self.block_size})")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.model_type == "gpt2":
+            if self.segment_length != self.block_size:
+                raise ValueError(f"model_type='gpt2' has no memory and reads a whole block per call: segment_length "
+                                 f"({self.segment_length}) must equal block_size ({self.block_size})")
+            unknown = sorted(set(self.model) - set(GPT2_FIELDS))
+            if unknown:
+                raise ValueError(f"model fields {unknown} do not apply to model_type='gpt2'; its fields are "
+                                 f"{sorted(GPT2_FIELDS)}")
 
 
 def group_into_blocks(batch: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
@@ -70,6 +94,15 @@ class CausalLM:
         from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
 
         special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        if config.model_type == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            defaults = HierarchicalXLConfig()  # unset size fields default as the XL model's do
+            sizes = {GPT2_FIELDS[name]: config.model.get(name, getattr(defaults, name)) for name in GPT2_FIELDS}
+            model_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.block_size, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, **sizes, **special)
+            model_config._attn_implementation = "sdpa"
+            return GPT2LMHeadModel(model_config)
         model_config = HierarchicalXLConfig(vocab_size=len(tokenizer), **special, **config.model)
         return HierarchicalXLForCausalLM(model_config)
 
@@ -92,15 +125,28 @@ class CausalLM:
         blocks = blocks.with_format("torch")
         return blocks["train"], blocks["validation"], None
 
-    def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
-        loss_sum, n_tokens, _ = segment_lm_step(model, batch["input_ids"], self.config.segment_length,
+    def block_loss(self, model, input_ids: torch.Tensor, backward=None) -> tuple[torch.Tensor, int]:
+        """(summed next-token loss over a [batch, block_size] block, number of predictions); `backward` gets the
+        mean. XL: segment by segment with the detached memory carried; GPT-2: the whole block in one call."""
+        if self.config.model_type == "gpt2":
+            logits = model(input_ids=input_ids).logits[:, :-1]  # [B, block_size - 1, vocab]
+            targets = input_ids[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     targets.reshape(-1), reduction="sum")
+            if backward is not None:
+                backward(loss / targets.numel())
+            return loss.detach(), targets.numel()
+        loss_sum, n_tokens, _ = segment_lm_step(model, input_ids, self.config.segment_length,
                                                 cache=empty_memory(model), backward=backward)
+        return loss_sum, n_tokens
+
+    def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
+        loss_sum, n_tokens = self.block_loss(model, batch["input_ids"], backward)
         return float(loss_sum), int(n_tokens)
 
     def eval_step(self, model, batch: dict, seed: int):
         input_ids = batch["input_ids"]
-        loss_sum, n_tokens, _ = segment_lm_step(model, input_ids, self.config.segment_length,
-                                                cache=empty_memory(model))
+        loss_sum, n_tokens = self.block_loss(model, input_ids)
         targets = input_ids[:, 1:]
         num_bytes = (targets >= self.first_byte_id).sum() if self.count_bytes else torch.zeros((), dtype=torch.long)
         return torch.as_tensor(loss_sum, device=input_ids.device), torch.as_tensor(n_tokens, device=input_ids.device), num_bytes
