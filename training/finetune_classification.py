@@ -155,7 +155,9 @@ def build_model_and_data(config: FinetuneConfig, data):
               "label2id": {name: index for index, name in enumerate(names)}}
     if config.baseline == "truncated-minilm":
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), **labels)
+        # as deep as the hierarchical model's token level, so the two differ only in what they see of a document
+        depth = {"num_hidden_layers": config.model["num_hidden_layers"]} if "num_hidden_layers" in config.model else {}
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), dtype=torch.float32, **labels, **depth)
         tokenized = data.map(lambda texts: tokenizer(texts, truncation=True, max_length=BASELINE_MAX_LENGTH),
                              batched=True, input_columns="text", remove_columns=["text"], desc="tokenize (first 512)")
         return model, tokenizer, tokenized, DataCollatorWithPadding(tokenizer)
