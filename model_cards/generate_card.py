@@ -83,6 +83,16 @@ METRIC_NAMES = {"loss": "loss (nats per token)", "bits_per_byte": "bits per byte
                 "accuracy": "accuracy", "f1": "macro F1"}
 
 
+
+# the baselines our scripts train for comparison, described as what they are
+BASELINE_SUMMARIES = {
+    "bert": "MiniLM-L6 (BERT) fine-tuned on the first 512 tokens of each document: the truncation baseline the "
+            "hierarchical models are compared with (finetune_classification.py --baseline truncated-minilm).",
+    "gpt2": "A same-size GPT-2 (full attention over each training block, learned absolute positions, no memory) "
+            "trained identically to the HierarchicalXL model as its full-attention baseline "
+            "(pretrain_clm.py with model_type: gpt2).",
+}
+
 def count_parameters(folder: Path) -> int | None:
     """Parameters stored in the folder's safetensors files (tied weights are stored once)."""
     from safetensors import safe_open
@@ -160,10 +170,7 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_t
                         f"{summary.get('validation_documents', '?')} evaluation documents"
                         + (f"; {summary['tokens_seen']:,} tokens seen in training." if summary.get("tokens_seen")
                            else "."))
-    summary_text = task["summary"]
-    if config.get("model_type") == "bert":  # finetune_classification.py --baseline truncated-minilm
-        summary_text = ("MiniLM-L6 (BERT) fine-tuned on the first 512 tokens of each document: the truncation "
-                        "baseline the hierarchical models are compared with.")
+    summary_text = BASELINE_SUMMARIES.get(config.get("model_type"), task["summary"])
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
