@@ -91,6 +91,8 @@ BASELINE_SUMMARIES = {
     "gpt2": "A same-size GPT-2 (full attention over each training block, learned absolute positions, no memory) "
             "trained identically to the HierarchicalXL model as its full-attention baseline "
             "(pretrain_clm.py with model_type: gpt2).",
+    "llama": "A same-size Llama (full attention over each training block, RoPE, no memory) trained identically to "
+             "the HierarchicalXL model as its full-attention baseline (pretrain_clm.py with model_type: llama).",
 }
 
 def count_parameters(folder: Path) -> int | None:

@@ -1,4 +1,4 @@
-"""The same-size GPT-2 baseline (`model_type: gpt2`) trains through training/pretrain_clm.py's loop on the same
+"""The same-size GPT-2 baseline (`model_type: gpt2`; `llama` alike) trains through training/pretrain_clm.py's loop on the same
 blocks as the XL model, reports bits per byte on the same held-out bytes, and saves a checkpoint that loads with
 AutoModelForCausalLM."""
 
@@ -56,9 +56,23 @@ def test_gpt2_checkpoint_loads_with_auto_class_and_matches_training_loss(gpt2_ru
 
 def test_gpt2_run_config_validation():
     with pytest.raises(ValueError, match="model_type"):
-        parse_run_args(pretrain_clm.CLMRunConfig, ["--model_type", "llama"])
+        parse_run_args(pretrain_clm.CLMRunConfig, ["--model_type", "mamba"])
     with pytest.raises(ValueError, match="segment_length"):
         parse_run_args(pretrain_clm.CLMRunConfig, ["--model_type", "gpt2", "--block_size", "64"])
     with pytest.raises(ValueError, match="patch_size"):
         parse_run_args(pretrain_clm.CLMRunConfig, ["--model_type", "gpt2", "--block_size", "64",
                                                    "--segment_length", "64", "--model.patch_size", "8"])
+
+
+def test_llama_baseline_trains_through_the_same_loop(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    run = {**TINY_GPT2_RUN, "model_type": "llama", "output_dir": tmp_path, "max_steps": 6, "eval_every": 6,
+           "save_every": 6}
+    summary = pretrain_clm.main(cli(run))
+    losses = train_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert summary["eval"]["tokens"] == 2 * 4 * (TINY_CLM_RUN["block_size"] - 1)  # the same held-out bytes
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert isinstance(model, LlamaForCausalLM)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (32, 2, 260)

@@ -5,7 +5,7 @@ Each block is processed as consecutive segments of `segment_length` tokens with 
 cache: local window + patch/section summaries) carried from one segment to the next and detached (truncated BPTT,
 `hier_transformers.recurrence.segment_lm_step`). Evaluation reports bits per byte for byte-level tokenizers.
 
-`model_type: gpt2` trains a full-attention `transformers.GPT2LMHeadModel` baseline through the same loop (same data
+`model_type: gpt2` (or `llama`) trains a full-attention `transformers.GPT2LMHeadModel` (`LlamaForCausalLM`) baseline through the same loop (same data
 order, optimizer, schedule, steps, batch and held-out blocks): it has no memory and reads each block of `block_size`
 tokens in one call (`n_positions = segment_length = block_size`); `model` then holds only the size fields
 (`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`, `hidden_act`), dropout is 0 as in
@@ -14,6 +14,7 @@ predicted from everything before it in the block.
 
     python training/pretrain_clm.py --config training/configs/xl_news_small.yaml
     python training/pretrain_clm.py --config training/configs/gpt2_news_small.yaml   # the same-size GPT-2 baseline
+    python training/pretrain_clm.py --config training/configs/llama_news_small.yaml  # the same-size Llama baseline
     python training/generate.py runs/xl_news_small/final --prompt "The government said"
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         training/pretrain_clm.py --config training/configs/xl_news_small.yaml --output_dir runs/xl_ddp
@@ -36,17 +37,23 @@ if __package__ in (None, ""):  # run as a script: make `training` and `hier_tran
 from hier_transformers.recurrence import segment_lm_step  # noqa: E402
 from training.common import RunConfig, byte_level, parse_run_args, train  # noqa: E402
 
-MODEL_TYPES = ("hierarchical_xl", "gpt2")
-# run-config `model` field -> GPT2Config field, for the full-attention baseline (no hierarchy fields apply to it)
-GPT2_FIELDS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-               "intermediate_size": "n_inner", "hidden_act": "activation_function"}
+# Full-attention baselines from transformers, trained through the same loop: run-config `model` field -> their
+# config field (no hierarchy fields apply to them). GPT-2 has learned absolute positions, Llama RoPE.
+BASELINE_FIELDS = {
+    "gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+             "intermediate_size": "n_inner", "hidden_act": "activation_function"},
+    "llama": {name: name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                      "hidden_act")},
+}
+GPT2_FIELDS = BASELINE_FIELDS["gpt2"]
+MODEL_TYPES = ("hierarchical_xl", *BASELINE_FIELDS)
 
 
 @dataclasses.dataclass
 class CLMRunConfig(RunConfig):
     tokenizer: str = "byte"
     model_name: str = "hier-xl"
-    model_type: str = "hierarchical_xl"  # or "gpt2": a same-size full-attention baseline reading a block per call
+    model_type: str = "hierarchical_xl"  # or "gpt2" / "llama": same-size full-attention baselines, a block per call
     block_size: int = 1024  # tokens per training row (the memory is reset between rows)
     segment_length: int = 256  # tokens per forward/backward; the memory is carried (detached) across segments
 
@@ -59,14 +66,14 @@ class CLMRunConfig(RunConfig):
             raise ValueError(f"segment_length ({self.segment_length}) must be <= block_size ({self.block_size})")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if self.model_type == "gpt2":
+        if self.model_type in BASELINE_FIELDS:
             if self.segment_length != self.block_size:
-                raise ValueError(f"model_type='gpt2' has no memory and reads a whole block per call: segment_length "
-                                 f"({self.segment_length}) must equal block_size ({self.block_size})")
-            unknown = sorted(set(self.model) - set(GPT2_FIELDS))
+                raise ValueError(f"model_type={self.model_type!r} has no memory and reads a whole block per call: "
+                                 f"segment_length ({self.segment_length}) must equal block_size ({self.block_size})")
+            unknown = sorted(set(self.model) - set(BASELINE_FIELDS[self.model_type]))
             if unknown:
-                raise ValueError(f"model fields {unknown} do not apply to model_type='gpt2'; its fields are "
-                                 f"{sorted(GPT2_FIELDS)}")
+                raise ValueError(f"model fields {unknown} do not apply to model_type={self.model_type!r}; its fields "
+                                 f"are {sorted(BASELINE_FIELDS[self.model_type])}")
 
 
 def group_into_blocks(batch: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
@@ -94,15 +101,23 @@ class CausalLM:
         from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
 
         special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
-        if config.model_type == "gpt2":
-            from transformers import GPT2Config, GPT2LMHeadModel
+        if config.model_type in BASELINE_FIELDS:
+            from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
             defaults = HierarchicalXLConfig()  # unset size fields default as the XL model's do
-            sizes = {GPT2_FIELDS[name]: config.model.get(name, getattr(defaults, name)) for name in GPT2_FIELDS}
-            model_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.block_size, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0, **sizes, **special)
+            fields = BASELINE_FIELDS[config.model_type]
+            sizes = {fields[name]: config.model.get(name, getattr(defaults, name)) for name in fields}
+            if config.model_type == "gpt2":
+                model_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.block_size, resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0, **sizes, **special)
+                model_class = GPT2LMHeadModel
+            else:
+                model_config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=config.block_size,
+                                           num_key_value_heads=sizes["num_attention_heads"],
+                                           tie_word_embeddings=defaults.tie_word_embeddings, **sizes, **special)
+                model_class = LlamaForCausalLM
             model_config._attn_implementation = "sdpa"
-            return GPT2LMHeadModel(model_config)
+            return model_class(model_config)
         model_config = HierarchicalXLConfig(vocab_size=len(tokenizer), **special, **config.model)
         return HierarchicalXLForCausalLM(model_config)
 
@@ -127,8 +142,8 @@ class CausalLM:
 
     def block_loss(self, model, input_ids: torch.Tensor, backward=None) -> tuple[torch.Tensor, int]:
         """(summed next-token loss over a [batch, block_size] block, number of predictions); `backward` gets the
-        mean. XL: segment by segment with the detached memory carried; GPT-2: the whole block in one call."""
-        if self.config.model_type == "gpt2":
+        mean. XL: segment by segment with the detached memory carried; baselines: the whole block in one call."""
+        if self.config.model_type in BASELINE_FIELDS:
             logits = model(input_ids=input_ids).logits[:, :-1]  # [B, block_size - 1, vocab]
             targets = input_ids[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
