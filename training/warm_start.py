@@ -25,6 +25,7 @@ from hier_transformers import (
     hierarchical_from_pretrained_bert,
     minilm_path,
 )
+from hier_transformers.configuration_hierarchical import SUMMARY_TYPES
 
 TASKS = {
     "sequence-classification": HierarchicalForSequenceClassification,
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layout", nargs="+", default=None,
         help="hierarchy_layout: one entry for every layer, or a single entry repeated (e.g. token+patch+section)",
     )
-    parser.add_argument("--summary-type", choices=["slot", "attention_pooling"], default="slot")
+    parser.add_argument("--summary-type", choices=SUMMARY_TYPES, default=None,
+                        help="default: HierarchicalConfig's (attention_pooling)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--labels", nargs="+", default=None, help="class names (sets num_labels and id2label)")
     labels.add_argument("--num-labels", type=int, default=None)
@@ -62,9 +64,10 @@ def main(argv: list[str] | None = None) -> Path:
     overrides = {
         "patch_size": args.patch_size,
         "section_size": args.section_size,
-        "summary_type": args.summary_type,
         "num_hidden_layers": num_layers,
     }
+    if args.summary_type is not None:
+        overrides["summary_type"] = args.summary_type
     if args.layout is not None:  # a single entry means "every layer"
         overrides["hierarchy_layout"] = args.layout * num_layers if len(args.layout) == 1 else args.layout
     if args.labels is not None:
