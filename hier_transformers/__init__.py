@@ -17,7 +17,6 @@ from transformers import (
 from .cache_hierarchical_xl import HierarchicalXLCache
 from .configuration_hierarchical import HierarchicalConfig
 from .configuration_hierarchical_xl import HierarchicalXLConfig
-from .data import load_20newsgroups, load_news_articles, load_text_files
 from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding
 from .modeling_hierarchical import (
     HierarchicalForMaskedLM,
@@ -35,6 +34,18 @@ from .tokenization_byte import ByteTokenizer
 from .warm_start import hierarchical_from_pretrained_bert, minilm_path
 
 __version__ = "0.1.0"
+
+# The data loaders need `datasets` (and through it pandas/pyarrow, ~0.6 s): imported on first use, so that loading a
+# model does not pay for it.
+_DATA_LOADERS = ("load_20newsgroups", "load_news_articles", "load_text_files")
+
+
+def __getattr__(name: str):
+    if name in _DATA_LOADERS:
+        from . import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _AUTO_MODELS = (
     (HierarchicalConfig, AutoModel, HierarchicalModel),
