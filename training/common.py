@@ -321,6 +321,12 @@ class Objective(Protocol):
     def eval_step(self, model, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (summed NLL in nats, number of predicted tokens, number of UTF-8 bytes they cover), as tensors."""
 
+    # Optional, for objectives that carry state across optimizer steps (the XL stream trainer's per-row memory):
+    #   shuffle_train: bool = True   -- False: the training set is already in the order its batches must come
+    #   save_state(checkpoint_dir: Path, accelerator) -> None   -- called on every process before the checkpoint
+    #                                                              is marked complete
+    #   load_state(checkpoint_dir: Path, accelerator) -> None   -- called on every process after accelerator.load_state
+
 
 def cpu_only() -> bool:
     """No GPU (or other accelerator): processes must ask accelerate for CPU explicitly, otherwise a multi-process
@@ -412,7 +418,8 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
     model = objective.build_model(config, tokenizer)
     set_seed(config.seed, device_specific=True)  # dropout differs between processes, reproducibly
 
-    train_loader = DataLoader(train_set, batch_size=config.per_device_batch_size, shuffle=True, drop_last=True,
+    train_loader = DataLoader(train_set, batch_size=config.per_device_batch_size,
+                              shuffle=getattr(objective, "shuffle_train", True), drop_last=True,
                               collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
     eval_loader = DataLoader(eval_set, batch_size=config.per_device_batch_size, collate_fn=collate)
     optimizer = make_optimizer(model, config)
@@ -433,6 +440,8 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         if not done:
             raise ValueError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}")
         accelerator.load_state(str(done[-1]))
+        if hasattr(objective, "load_state"):
+            objective.load_state(done[-1], accelerator)
         state = json.loads((done[-1] / STATE_FILE).read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"resumed from {done[-1]} at step {step}")
@@ -483,7 +492,7 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
                 accelerator.log(eval_metrics, step=step)
                 accelerator.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
             if step % config.save_every == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, output_dir, step, tokens_seen, config.keep_checkpoints)
+                save_checkpoint(accelerator, output_dir, step, tokens_seen, config.keep_checkpoints, objective)
             if step >= config.max_steps:
                 break
         epoch, skip = epoch + 1, 0
@@ -511,9 +520,12 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
     return summary
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, tokens_seen: int, keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, tokens_seen: int, keep: int,
+                    objective: Objective | None = None) -> None:
     path = output_dir / "checkpoints" / f"step_{step:07d}"
     accelerator.save_state(str(path), safe_serialization=True)
+    if objective is not None and hasattr(objective, "save_state"):
+        objective.save_state(path, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         temporary = path / (STATE_FILE + ".tmp")
