@@ -13,22 +13,55 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-TINY_XL = {
-    "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
-    "model.intermediate_size": 64, "model.patch_size": 8, "model.local_window": 16, "model.max_patch_summaries": 8,
-    "model.section_size": 4, "model.max_section_summaries": 4,
+# Model-config keyword arguments of tiny models, for tests that build models directly
+# (`HierarchicalXLConfig(**TINY_XL_CONFIG)`, `HierarchicalConfig(**(TINY_ENCODER_CONFIG | {"patch_size": 8}))`).
+TINY_XL_CONFIG = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+    "patch_size": 4, "local_window": 6, "max_patch_summaries": 3, "section_size": 2, "max_section_summaries": 2,
 }
+TINY_ENCODER_CONFIG = {
+    "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64,
+    "max_position_embeddings": 5, "patch_size": 4, "section_size": 2, "hidden_dropout_prob": 0.0,
+    "attention_dropout": 0.0,
+}
+
+
+def model_options(fields: dict) -> dict:
+    """Model-config fields -> run-config overrides: {"hidden_size": 32} -> {"model.hidden_size": 32}."""
+    return {f"model.{key}": value for key, value in fields.items()}
+
+
+# Training runs through the command line (values as a user types them): a few dozen real documents, tiny models.
+TINY_XL = model_options({
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 8,
+    "local_window": 16, "max_patch_summaries": 8, "section_size": 4, "max_section_summaries": 4,
+})
 TINY_CLM_RUN = {
     **TINY_XL, "block_size": 128, "segment_length": 32, "per_device_batch_size": 4, "max_steps": 8,
     "warmup_steps": 1, "learning_rate": 3e-3, "max_train_documents": 40, "max_eval_documents": 8,
     "max_eval_batches": 2, "trackers": "[jsonl]", "log_every": 1, "eval_every": 8, "save_every": 8,
 }
+# the same-size GPT-2 baseline: the size fields of TINY_XL only, one block per call
+TINY_GPT2_RUN = {
+    **{key: value for key, value in TINY_CLM_RUN.items() if not key.startswith("model.")},
+    **{key: TINY_XL[key] for key in ("model.hidden_size", "model.num_hidden_layers", "model.num_attention_heads",
+                                     "model.intermediate_size")},
+    "model_type": "gpt2", "segment_length": TINY_CLM_RUN["block_size"],
+}
 TINY_MLM_RUN = {
-    "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
-    "model.intermediate_size": 64, "model.patch_size": 16, "model.section_size": 2,
-    "model.max_position_embeddings": 32, "max_length": 128, "per_device_batch_size": 4, "max_steps": 8,
+    **model_options({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                     "patch_size": 16, "section_size": 2, "max_position_embeddings": 32}),
+    "max_length": 128, "per_device_batch_size": 4, "max_steps": 8,
     "warmup_steps": 1, "learning_rate": 3e-3, "max_train_documents": 32, "max_eval_documents": 8,
     "max_eval_batches": 2, "trackers": "[jsonl]", "log_every": 1, "eval_every": 8, "save_every": 8,
+}
+# fine-tuning on a tiny model from scratch (the MiniLM WordPiece tokenizer, no warm start)
+TINY_FINETUNE_RUN = {
+    "init": "scratch", "tokenizer": "minilm",
+    **model_options({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                     "patch_size": 16, "section_size": 2, "max_position_embeddings": 17}),
+    "max_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "learning_rate": 1e-3,
+    "eval_strategy": "no", "report_to": "[]", "logging_steps": 1,
 }
 
 
