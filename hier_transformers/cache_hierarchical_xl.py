@@ -1,16 +1,19 @@
 """Bounded generation / segment-recurrence cache of the HierarchicalXL decoder.
 
-Per layer the cache holds (batch first, every row right-aligned on its own positions):
+Each decoder layer owns one [`HierarchicalXLCacheLayer`]. It keeps, batch first (every row right-aligned on its own
+positions), the *cached slots* of three kinds of keys and values, `[batch, heads, cached_slots(config)[kind], head_dim]`:
 
-- `token_keys` / `token_values` [batch, heads, local_window - 1, head_dim]: the most recent tokens (keys rotated);
-- `patch_keys` / `patch_values` [batch, heads, patch_memory, head_dim]: the most recent completed patch summaries;
-- `section_keys` / `section_values` [batch, heads, section_memory, head_dim]: the most recent section summaries;
-- `pool_max` / `pool_sum` [batch], `pool_acc` [batch, hidden] (fp32): the online softmax state (running max,
-  denominator, weighted sum) of the unfinished patch's attention pooling, so its summary is exact when it completes.
+- `"tokens"`: the `local_window - 1` most recent tokens (keys rotated at their positions);
+- `"patches"`: the most recent completed patch summaries (`config.patch_memory`);
+- `"sections"` (only with sections): the most recent section summaries (`config.section_memory`);
 
-Which slot holds which position is implied by `seen` (real tokens per row): slot `i` of the token memory is position
-`seen - (local_window - 1) + i` (negative = empty), and likewise for patches and sections. The size stops growing once
-the bounds are reached, however long the stream runs.
+plus the online softmax state of the unfinished patch's attention pooling (`pool_max` / `pool_sum` [batch],
+`pool_acc` [batch, hidden], fp32), so its summary is exact when the patch completes.
+
+Which slot holds which position is implied by `seen` (real tokens per row): slot `i` of the token slots is position
+`seen - (local_window - 1) + i` (negative = empty), and likewise for patches and sections. The size stops growing
+once the bounds are reached, however long the stream runs. The attention reads the cached slots with
+`cache_layer.cached(kind)` and stores the next ones with `cache_layer.update(...)`, as `transformers`' caches do.
 """
 
 from __future__ import annotations
@@ -22,31 +25,108 @@ from transformers.cache_utils import Cache
 
 from .configuration_hierarchical_xl import HierarchicalXLConfig
 
+POOLING_STATE = ("pool_max", "pool_sum", "pool_acc")
+# The config fields the cached tensors depend on: a cache filled under other values is refused.
+CACHE_LAYOUT_FIELDS = (
+    "patch_size",
+    "local_window",
+    "max_patch_summaries",
+    "section_size",
+    "max_section_summaries",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+)
+
+
+def cached_slots(config: HierarchicalXLConfig) -> dict[str, int]:
+    """Slots per kind of key (`"tokens"`, `"patches"`, `"sections"`) that one cache layer keeps."""
+    slots = {"tokens": config.local_window - 1, "patches": config.patch_memory}
+    if config.section_size is not None:
+        slots["sections"] = config.section_memory
+    return slots
+
+
+def cache_layout(config: HierarchicalXLConfig) -> dict[str, int | None]:
+    """The values of `CACHE_LAYOUT_FIELDS` in `config`."""
+    return {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
+
+
+def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """states [B, heads, T, d], slots [B, K] (per row) -> [B, heads, K, d]."""
+    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
+    return states.gather(2, index)
+
 
 class HierarchicalXLCacheLayer:
-    """The memory of one decoder layer: a dict of batch-first tensors, empty until the first forward."""
+    """The memory of one decoder layer: cached key/value slots per kind plus the pooling state, empty until the first
+    forward allocates them (`lazy_initialization`)."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self):
-        self.state: dict[str, torch.Tensor] = {}
+    def __init__(self, slots: dict[str, int]):
+        self.slots = slots  # cached slots per kind
+        self.keys: dict[str, torch.Tensor] = {}  # kind -> [B, heads, slots[kind], head_dim]
+        self.values: dict[str, torch.Tensor] = {}
+        self.pooling: dict[str, torch.Tensor] = {}  # POOLING_STATE -> [B] / [B, hidden], fp32
 
     @property
     def is_initialized(self) -> bool:
-        return bool(self.state)
+        return bool(self.pooling)
 
     @property
     def batch_size(self) -> int:
-        return self.state["pool_sum"].shape[0] if self.state else -1
+        return self.pooling["pool_sum"].shape[0] if self.pooling else -1
+
+    def lazy_initialization(self, hidden_states: torch.Tensor, num_heads: int, head_dim: int) -> None:
+        """Allocate empty slots for the rows of `hidden_states` [B, S, hidden] (its dtype and device)."""
+        batch, _, hidden = hidden_states.shape
+        for kind, slots in self.slots.items():
+            self.keys[kind] = hidden_states.new_zeros(batch, num_heads, slots, head_dim)
+            self.values[kind] = hidden_states.new_zeros(batch, num_heads, slots, head_dim)
+        self.pooling = {
+            "pool_max": hidden_states.new_zeros(batch, dtype=torch.float32),
+            "pool_sum": hidden_states.new_zeros(batch, dtype=torch.float32),
+            "pool_acc": hidden_states.new_zeros(batch, hidden, dtype=torch.float32),
+        }
+
+    def cached(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (keys, values) of one kind, each [B, heads, slots[kind], head_dim]."""
+        return self.keys[kind], self.values[kind]
+
+    def update(
+        self,
+        extended: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        carry: dict[str, torch.Tensor],
+        pooling: dict[str, torch.Tensor],
+    ) -> None:
+        """Store the next memory: from the extended (cached + new) keys/values of each kind [B, heads, T, d], the
+        slots `carry[kind]` [B, slots[kind]]; and the pooling state of the patch left unfinished."""
+        for kind, (keys, values) in extended.items():
+            self.keys[kind] = gather_slots(keys, carry[kind])
+            self.values[kind] = gather_slots(values, carry[kind])
+        self.pooling = dict(pooling)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the layer by a flat name (`tokens.keys`, ..., `pool_acc`)."""
+        named = {f"{kind}.keys": tensor for kind, tensor in self.keys.items()}
+        named |= {f"{kind}.values": tensor for kind, tensor in self.values.items()}
+        return named | self.pooling
+
+    def load_tensors(self, named: dict[str, torch.Tensor]) -> None:
+        """Inverse of `tensors()` (an empty dict empties the layer)."""
+        self.keys = {kind: named[f"{kind}.keys"] for kind in self.slots if f"{kind}.keys" in named}
+        self.values = {kind: named[f"{kind}.values"] for kind in self.slots if f"{kind}.values" in named}
+        self.pooling = {name: named[name] for name in POOLING_STATE if name in named}
 
     def apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.state = {name: function(tensor) for name, tensor in self.state.items()}
+        self.load_tensors({name: function(tensor) for name, tensor in self.tensors().items()})
 
     def reset(self) -> None:
-        self.state = {}
+        self.keys, self.values, self.pooling = {}, {}, {}
 
 
 class HierarchicalXLCache(Cache):
@@ -62,15 +142,36 @@ class HierarchicalXLCache(Cache):
     ```
 
     `get_seq_length()` counts the input columns processed so far (padding included, as `generate` expects);
-    `seen` holds the number of real tokens per row. Use `detached()` between segments for truncated BPTT.
+    `seen` holds the number of real tokens per row. Use `detached()` between segments for truncated BPTT,
+    `reset_rows(rows)` when rows of a stream batch start a new document, and `state_dict()` / `load_state_dict()`
+    to save a cache (plain tensors, safetensors-compatible).
+
+    The cache records the config fields its tensors depend on (`CACHE_LAYOUT_FIELDS`); a model with other values
+    refuses it. A model from the package and the same model loaded with `trust_remote_code=True` accept each other's
+    caches: they are recognised by `is_hierarchical_xl_cache`, not by their class.
     """
 
+    is_hierarchical_xl_cache = True  # the models check this marker, not the class (remote code defines its own)
+
     def __init__(self, config: HierarchicalXLConfig):
-        super().__init__(layers=[HierarchicalXLCacheLayer() for _ in range(config.num_hidden_layers)])
+        slots = cached_slots(config)
+        super().__init__(layers=[HierarchicalXLCacheLayer(slots) for _ in range(config.num_hidden_layers)])
         self.config = config
+        self.layout = cache_layout(config)
         self.columns = 0
         self.seen: torch.Tensor | None = None  # [batch] long: real tokens per row
         self.closed: torch.Tensor | None = None  # [batch] bool: row ended with (right) padding
+
+    def check_layout(self, config: HierarchicalXLConfig) -> None:
+        """Raise `ValueError` naming every field in which `config` differs from the config this cache was made for."""
+        expected = cache_layout(config)
+        different = {name: (self.layout[name], value) for name, value in expected.items() if self.layout[name] != value}
+        if different:
+            listed = ", ".join(f"{name}: cache {ours!r} vs model {theirs!r}" for name, (ours, theirs) in different.items())
+            raise ValueError(
+                f"This HierarchicalXLCache was made for a config with other values ({listed}); its slots mean "
+                "something else to this model. Create a new cache with `HierarchicalXLCache(model.config)`."
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Input columns processed so far (padding included)."""
@@ -108,6 +209,27 @@ class HierarchicalXLCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._apply_to_rows(lambda tensor: tensor[indices])
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Rows marked True in `rows` [batch] (bool) start a new document: their memory becomes exactly that of a
+        fresh cache (nothing seen, nothing visible); the other rows are untouched. For stream training, where each
+        batch row is an independent stream. A no-op on a cache that has not run yet."""
+        if self.seen is None:
+            return
+        if rows.dtype != torch.bool or rows.shape != self.seen.shape:
+            raise ValueError(
+                f"`rows` must be a bool tensor of shape [batch] = {tuple(self.seen.shape)}, got {rows.dtype} of "
+                f"shape {tuple(rows.shape)}."
+            )
+        rows = rows.to(self.seen.device)
+
+        def reset(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.masked_fill(rows.view(-1, *[1] * (tensor.dim() - 1)), 0)
+
+        for layer in self.layers:
+            layer.apply(reset)
+        self.seen = reset(self.seen)
+        self.closed = reset(self.closed)
+
     def crop(self, tokens_to_remove: int) -> None:
         """Only `crop(0)` (a no-op: the memory is always minimal) is possible; summaries cannot be un-folded."""
         if tokens_to_remove != 0:
@@ -123,16 +245,41 @@ class HierarchicalXLCache(Cache):
 
     def detached(self) -> HierarchicalXLCache:
         """A copy whose tensors are cut from the autograd graph (truncated BPTT between segments)."""
-        copy = HierarchicalXLCache(self.config)
-        copy.columns = self.columns
-        copy.seen, copy.closed = self.seen, self.closed
-        for source, target in zip(self.layers, copy.layers):
-            target.state = {name: tensor.detach() for name, tensor in source.state.items()}
+        copy = type(self)(self.config)
+        copy.load_state_dict({name: tensor.detach() for name, tensor in self.state_dict().items()})
         return copy
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the cache by a flat name, plain tensors only (write it with `safetensors`): `columns`,
+        `layout.<field>`, and once the cache has run `seen`, `closed` and `layers.<i>.<kind>.keys` / `.values` /
+        `layers.<i>.pool_*`. The tensors are the cache's own, not copies."""
+        state = {"columns": torch.tensor(self.columns, dtype=torch.long)}
+        state |= {f"layout.{name}": torch.tensor(-1 if value is None else value) for name, value in self.layout.items()}
+        if self.seen is not None:
+            state |= {"seen": self.seen, "closed": self.closed}
+        for index, layer in enumerate(self.layers):
+            state |= {f"layers.{index}.{name}": tensor for name, tensor in layer.tensors().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a `state_dict()` (refused with a `ValueError` if it was written for another cache layout)."""
+        saved = {name: state.get(f"layout.{name}") for name in self.layout}
+        saved = {name: None if value is None or int(value) == -1 else int(value) for name, value in saved.items()}
+        if saved != self.layout:
+            different = [name for name in self.layout if saved[name] != self.layout[name]]
+            raise ValueError(
+                f"This cache state was saved for another cache layout (differs in {different}: saved "
+                f"{ {name: saved[name] for name in different} }, this cache { {name: self.layout[name] for name in different} })."
+            )
+        self.columns = int(state["columns"])
+        self.seen, self.closed = state.get("seen"), state.get("closed")
+        for index, layer in enumerate(self.layers):
+            prefix = f"layers.{index}."
+            layer.load_tensors({name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)})
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (what the benchmarks report)."""
-        tensors = [tensor for layer in self.layers for tensor in layer.state.values()]
+        tensors = [tensor for layer in self.layers for tensor in layer.tensors().values()]
         tensors += [tensor for tensor in (self.seen, self.closed) if tensor is not None]
         return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 

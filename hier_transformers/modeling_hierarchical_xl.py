@@ -22,11 +22,9 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache_hierarchical_xl import HierarchicalXLCache, HierarchicalXLCacheLayer
+from .cache_hierarchical_xl import HierarchicalXLCache, HierarchicalXLCacheLayer, cached_slots, gather_slots
 from .configuration_hierarchical_xl import HierarchicalXLConfig
 from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding, apply_rotary
-
-STATE_PREFIX = {"tokens": "token", "patches": "patch", "sections": "section"}  # cache state names per kind
 
 
 def visible_ranges(
@@ -45,29 +43,21 @@ def visible_ranges(
     return ranges
 
 
-def memory_lengths(config: HierarchicalXLConfig) -> dict[str, int]:
-    """Slots per kind that a cache keeps per layer."""
-    lengths = {"tokens": config.local_window - 1, "patches": config.patch_memory}
-    if config.section_size is not None:
-        lengths["sections"] = config.section_memory
-    return lengths
-
-
 @dataclass
 class AttentionPlan:
     """Where each query block finds its keys; computed once per forward and shared by every layer.
 
-    Keys of each kind live in an "extended" sequence per row: the cached memory slots followed by the slots this
-    chunk creates; slot `i` holds absolute index `base + i` (`base` per row and kind).
+    Keys of each kind live in an "extended" sequence per row: the cached slots followed by the slots this chunk
+    creates; slot `i` holds absolute index `base + i` (`base` per row and kind).
     """
 
     block: int  # queries per block
     num_blocks: int
     index: torch.Tensor  # [num_blocks * keys_per_block] slots into the concatenated extended keys of all kinds
     mask: torch.Tensor  # [batch * num_blocks, 1, block, keys_per_block] bool, True = may attend
-    memory: dict[str, int]  # cached slots per kind (0 without a cache)
+    cached: dict[str, int]  # cached slots per kind (0 without a cache)
     new_slots: dict[str, int]  # slots per kind this chunk creates
-    carry: dict[str, torch.Tensor]  # [batch, memory slots] extended slots that become the next memory
+    carry: dict[str, torch.Tensor]  # [batch, cached slots] extended slots that the cache keeps (empty without one)
     token_patch_slot: torch.Tensor  # [batch, seq] new-patch slot of each token (spare slot for padding)
     patch_cos: torch.Tensor  # [batch, new patches, head_dim] RoPE of the new patch summaries (at their last token)
     patch_sin: torch.Tensor
@@ -80,7 +70,7 @@ def build_plan(
     seen: torch.Tensor,
     num_real: torch.Tensor,
     length: int,
-    with_memory: bool,
+    with_cache: bool,
     rotary: RotaryEmbedding,
     dtype: torch.dtype,
 ) -> AttentionPlan:
@@ -96,14 +86,14 @@ def build_plan(
     new_slots = {"tokens": length, "patches": new_patches}
     if section is not None:
         new_slots["sections"] = -(-(new_patches - 1) // section)
-    full_memory = memory_lengths(config)
-    memory = {kind: (full_memory[kind] if with_memory else 0) for kind in new_slots}
+    cache_slots = cached_slots(config) if with_cache else {}
+    cached = {kind: cache_slots.get(kind, 0) for kind in new_slots}
     # absolute index of extended slot 0, and the end (exclusive) of what exists once the chunk is processed
     start = {"tokens": seen, "patches": now["patches"][1]}
     end = {"tokens": seen + num_real, "patches": after["patches"][1]}
     if section is not None:
         start["sections"], end["sections"] = now["sections"][1], after["sections"][1]
-    base = {kind: start[kind] - memory[kind] for kind in new_slots}
+    base = {kind: start[kind] - cached[kind] for kind in new_slots}
 
     block = min(length, max(config.local_window, patch, 64))
     num_blocks = -(-length // block)
@@ -111,7 +101,7 @@ def build_plan(
     query_ranges = visible_ranges(positions, config)
     index_parts, mask_parts, offset = [], [], 0
     for kind in new_slots:
-        total = memory[kind] + new_slots[kind]
+        total = cached[kind] + new_slots[kind]
         lo, hi = query_ranges[kind]
         lo = nn.functional.pad(lo, (0, padded - length), mode="replicate") if padded > length else lo
         hi = nn.functional.pad(hi, (0, padded - length), mode="replicate") if padded > length else hi
@@ -131,8 +121,9 @@ def build_plan(
     mask = torch.cat(mask_parts, dim=-1)
     mask[..., 0] |= ~mask.any(dim=-1)  # padding queries that see nothing look at one key (never NaN)
 
-    carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(full_memory[kind], device=device)
-             for kind in new_slots}
+    # without a cache nothing is carried: no allocation may depend on the (possibly huge) memory bounds
+    carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(slots, device=device)
+             for kind, slots in cache_slots.items()}
     patch_index = start["patches"][:, None] + torch.arange(new_patches, device=device)  # [B, U]
     patch_cos, patch_sin = rotary((patch_index + 1) * patch - 1, dtype)
     section_members = None
@@ -140,7 +131,7 @@ def build_plan(
         section_index = start["sections"][:, None] + torch.arange(new_slots["sections"], device=device)  # [B, V]
         members = section_index[:, :, None] * section + torch.arange(section, device=device)  # [B, V, Q]
         members = members - base["patches"][:, None, None]
-        section_members = members.clamp(0, memory["patches"] + new_patches - 1).flatten(1)
+        section_members = members.clamp(0, cached["patches"] + new_patches - 1).flatten(1)
     token_patch_slot = positions // patch - start["patches"][:, None]
     is_real = torch.arange(length, device=device) < num_real[:, None]
     return AttentionPlan(
@@ -148,7 +139,7 @@ def build_plan(
         num_blocks=num_blocks,
         index=torch.cat(index_parts, dim=-1).flatten(),
         mask=mask.view(batch * num_blocks, 1, block, -1),
-        memory=memory,
+        cached=cached,
         new_slots=new_slots,
         carry=carry,
         token_patch_slot=torch.where(is_real, token_patch_slot, new_patches),
@@ -159,12 +150,6 @@ def build_plan(
     )
 
 
-def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """states [B, heads, T, d], slots [B, K] (per row) -> [B, heads, K, d]."""
-    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
-    return states.gather(2, index)
-
-
 class HierarchicalXLAttention(MultiHeadAttention):
     """Block-local attention over recent tokens, patch summaries and section summaries."""
 
@@ -173,9 +158,10 @@ class HierarchicalXLAttention(MultiHeadAttention):
         self.pooling = AttentionPooling(config.hidden_size)
 
     def pool_patches(
-        self, hidden_states: torch.Tensor, plan: AttentionPlan, state: dict[str, torch.Tensor]
+        self, hidden_states: torch.Tensor, plan: AttentionPlan, cached: dict[str, torch.Tensor] | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Attention pooling of every patch this chunk touches (continuing the cached unfinished patch).
+        """Attention pooling of every patch this chunk touches (continuing the cached unfinished patch: `cached` is the
+        cache layer's pooling state, None without a cache).
 
         Online softmax per patch: running max, denominator and weighted sum, so that a patch split over several
         calls pools exactly like a patch seen at once. Returns pooled [B, U, hidden] and the carried pooling state.
@@ -185,8 +171,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         scores = self.pooling.score(hidden_states).squeeze(-1).float()  # [B, S]
         segment = plan.token_patch_slot  # [B, S], padding in spare slot `slots`
         start_max = hidden_states.new_full((batch, slots + 1), float("-inf"), dtype=torch.float32)
-        if state:
-            carried = torch.where(state["pool_sum"] > 0, state["pool_max"], float("-inf"))
+        if cached is not None:
+            carried = torch.where(cached["pool_sum"] > 0, cached["pool_max"], float("-inf"))
             start_max = torch.cat([carried[:, None], start_max[:, 1:]], dim=1)
         running_max = start_max.scatter_reduce(1, segment, scores.detach(), reduce="amax", include_self=True)
         is_real = segment < slots
@@ -196,21 +182,21 @@ class HierarchicalXLAttention(MultiHeadAttention):
         acc = members.new_zeros(batch, slots + 1, hidden).scatter_add(
             1, segment[..., None].expand(-1, -1, hidden), members
         )
-        if state:
-            shift = torch.where(state["pool_sum"] > 0, state["pool_max"] - running_max[:, 0], float("-inf"))
+        if cached is not None:
+            shift = torch.where(cached["pool_sum"] > 0, cached["pool_max"] - running_max[:, 0], float("-inf"))
             scale = torch.exp(shift)  # [B]
-            total = total + nn.functional.pad((state["pool_sum"] * scale)[:, None], (0, slots))
-            acc = acc + nn.functional.pad((state["pool_acc"] * scale[:, None])[:, None], (0, 0, 0, slots))
+            total = total + nn.functional.pad((cached["pool_sum"] * scale)[:, None], (0, slots))
+            acc = acc + nn.functional.pad((cached["pool_acc"] * scale[:, None])[:, None], (0, 0, 0, slots))
         total, acc, running_max = total[:, :slots], acc[:, :slots], running_max[:, :slots]
         pooled = (acc / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).to(hidden_states.dtype)
         carry = plan.pool_carry_slot[:, None]  # [B, 1]
         carried_total = total.gather(1, carry).squeeze(1)
-        pool_state = {
+        pooling = {
             "pool_max": torch.where(carried_total > 0, running_max.gather(1, carry).squeeze(1), 0.0),
             "pool_sum": carried_total,
             "pool_acc": acc.gather(1, carry[..., None].expand(-1, -1, hidden)).squeeze(1),
         }
-        return pooled, pool_state
+        return pooled, pooling
 
     def forward(
         self,
@@ -218,41 +204,24 @@ class HierarchicalXLAttention(MultiHeadAttention):
         cos: torch.Tensor,
         sin: torch.Tensor,
         plan: AttentionPlan,
-        memory: HierarchicalXLCacheLayer | None,
+        cache_layer: HierarchicalXLCacheLayer | None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         query, key, value = self.project(hidden_states)  # [B, h, S, d] each
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        if memory is not None and not memory.is_initialized:
-            memory.state = self.empty_memory(hidden_states, plan)
-        state = memory.state if memory is not None else {}
+        if cache_layer is not None and not cache_layer.is_initialized:
+            cache_layer.lazy_initialization(hidden_states, self.num_heads, self.head_dim)
 
-        pooled, pool_state = self.pool_patches(hidden_states, plan, state)  # [B, U, hidden]
+        pooled, pooling = self.pool_patches(hidden_states, plan, cache_layer.pooling if cache_layer else None)
         patch_keys = apply_rotary(self.split_heads(self.k_proj(pooled)), plan.patch_cos, plan.patch_sin)
-        extended = {
-            "tokens": (key, value),
-            "patches": (patch_keys, self.split_heads(self.v_proj(pooled))),
-        }
-        if state:
-            extended = {
-                kind: tuple(
-                    torch.cat([state[f"{STATE_PREFIX[kind]}_{name}"], states], 2)
-                    for name, states in zip(("keys", "values"), pair)
-                )
-                for kind, pair in extended.items()
-            }
-        if plan.section_members is not None:
-            new_sections = plan.new_slots["sections"]
-            section_states = [
-                gather_slots(states, plan.section_members).unflatten(2, (new_sections, -1)).mean(3)
+        new = {"tokens": (key, value), "patches": (patch_keys, self.split_heads(self.v_proj(pooled)))}
+        extended = {kind: self.extend(pair, cache_layer, kind) for kind, pair in new.items()}  # cached + new slots
+        if plan.section_members is not None:  # a section is the mean of its patch summaries, cached ones included
+            sections = tuple(
+                gather_slots(states, plan.section_members).unflatten(2, (plan.new_slots["sections"], -1)).mean(3)
                 for states in extended["patches"]
-            ]  # [B, h, V, d] each: the mean of each section's patch summaries
-            if state:
-                section_states = [
-                    torch.cat([state[f"section_{name}"], states], 2)
-                    for name, states in zip(("keys", "values"), section_states)
-                ]
-            extended["sections"] = tuple(section_states)
+            )  # [B, h, V, d] each
+            extended["sections"] = self.extend(sections, cache_layer, "sections")
 
         all_keys = torch.cat([extended[kind][0] for kind in plan.new_slots], dim=2)  # [B, h, T, d]
         all_values = torch.cat([extended[kind][1] for kind in plan.new_slots], dim=2)
@@ -262,31 +231,24 @@ class HierarchicalXLAttention(MultiHeadAttention):
             self.to_blocks(all_values.index_select(2, plan.index), plan),
             plan.mask,
         )  # [B * nb, block, hidden]
-        if memory is not None:
-            memory.state = pool_state | {
-                f"{STATE_PREFIX[kind]}_{name}": gather_slots(states, plan.carry[kind])
-                for kind in plan.new_slots
-                for name, states in zip(("keys", "values"), extended[kind])
-            }
+        if cache_layer is not None:
+            cache_layer.update(extended, plan.carry, pooling)
         return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
+
+    @staticmethod
+    def extend(
+        new: tuple[torch.Tensor, torch.Tensor], cache_layer: HierarchicalXLCacheLayer | None, kind: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) [B, h, new, d] -> the cached slots of `kind` followed by the new ones [B, h, T, d]."""
+        if cache_layer is None:
+            return new
+        return tuple(torch.cat([cached, states], 2) for cached, states in zip(cache_layer.cached(kind), new))
 
     def to_blocks(self, states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """[B, h, num_blocks * n, d] -> [B * num_blocks, h, n, d]."""
         batch, heads, _, dim = states.shape
         states = states.view(batch, heads, plan.num_blocks, -1, dim).transpose(1, 2)
         return states.reshape(batch * plan.num_blocks, heads, -1, dim)
-
-    def empty_memory(self, hidden_states: torch.Tensor, plan: AttentionPlan) -> dict[str, torch.Tensor]:
-        batch, _, hidden = hidden_states.shape
-        memory = {}
-        for kind, slots in plan.memory.items():
-            for name in ("keys", "values"):
-                empty = hidden_states.new_zeros(batch, self.num_heads, slots, self.head_dim)
-                memory[f"{STATE_PREFIX[kind]}_{name}"] = empty
-        memory["pool_max"] = hidden_states.new_zeros(batch, dtype=torch.float32)
-        memory["pool_sum"] = hidden_states.new_zeros(batch, dtype=torch.float32)
-        memory["pool_acc"] = hidden_states.new_zeros(batch, hidden, dtype=torch.float32)
-        return memory
 
 
 class HierarchicalXLDecoderLayer(nn.Module):
@@ -305,9 +267,9 @@ class HierarchicalXLDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         plan: AttentionPlan,
-        memory: HierarchicalXLCacheLayer | None,
+        cache_layer: HierarchicalXLCacheLayer | None,
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, plan, memory)
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), cos, sin, plan, cache_layer)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -324,6 +286,19 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim
             init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponents))
+
+
+def check_cache(cache: object, config: HierarchicalXLConfig) -> None:
+    """Accept any HierarchicalXLCache (the package's or a checkpoint's remote-code copy: recognised by its marker,
+    not its class) made for the same cache layout as `config`."""
+    if not getattr(cache, "is_hierarchical_xl_cache", False):
+        kind = type(cache)
+        raise TypeError(
+            f"`cache` must be a HierarchicalXLCache (hier_transformers.cache_hierarchical_xl, or the "
+            f"cache_hierarchical_xl module of a checkpoint loaded with trust_remote_code=True), got "
+            f"{kind.__module__}.{kind.__qualname__}."
+        )
+    cache.check_layout(config)
 
 
 def read_attention_mask(
@@ -404,8 +379,8 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = HierarchicalXLCache(self.config)
-        if cache is not None and not isinstance(cache, HierarchicalXLCache):
-            raise ValueError(f"`cache` must be a HierarchicalXLCache, got {type(cache).__name__}.")
+        if cache is not None:
+            check_cache(cache, self.config)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -435,8 +410,8 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (restore(hidden_states),) if output_hidden_states else None
         for index, layer in enumerate(self.layers):
-            memory = cache.layers[index] if cache is not None else None
-            hidden_states = layer(hidden_states, cos, sin, plan, memory)
+            cache_layer = cache.layers[index] if cache is not None else None
+            hidden_states = layer(hidden_states, cos, sin, plan, cache_layer)
             if output_hidden_states:
                 all_hidden_states += (restore(hidden_states),)
         hidden_states = restore(self.norm(hidden_states))

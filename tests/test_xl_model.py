@@ -261,4 +261,4 @@ def test_segment_lm_step_gradients_match_explicit_detached_segments():
         full = model(input_ids, labels=input_ids, use_cache=False).loss
     assert n_tokens == 72 and cache.seen.tolist() == [37, 37]
     torch.testing.assert_close(loss_sum / n_tokens, full, atol=1e-5, rtol=1e-5)
-    assert all(not tensor.requires_grad for layer in cache.layers for tensor in layer.state.values())
+    assert all(not tensor.requires_grad for tensor in cache.state_dict().values())
