@@ -92,6 +92,9 @@ class HierarchicalConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        from .configuration_checks import reject_unknown_keys  # shared with HierarchicalXLConfig
+
+        reject_unknown_keys(self, kwargs)  # `local_windw=32` is an error, not a silent new attribute
         if self.hierarchy_layout is None and _is_int(self.num_hidden_layers):
             self.hierarchy_layout = ["token+patch+section"] * self.num_hidden_layers
         super().__post_init__(**kwargs)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from transformers.configuration_utils import PreTrainedConfig
 
+from .configuration_checks import (
+    check_activation,
+    check_positive_ints,
+    check_positive_numbers,
+    check_token_ids,
+    is_int,
+    is_number,
+    reject_unknown_keys,
+)
+
 
 class HierarchicalXLConfig(PreTrainedConfig):
     r"""
@@ -27,7 +37,8 @@ class HierarchicalXLConfig(PreTrainedConfig):
 
     Args:
         vocab_size: size of the token vocabulary (260 for [`ByteTokenizer`]).
-        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer dimensions.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: transformer dimensions.
+        hidden_act: feed-forward activation, a key of `transformers.activations.ACT2FN`.
         patch_size: tokens per patch (>= 1).
         local_window: number of most recent positions (the token itself included) seen at full resolution;
             at least `patch_size`, so a token always sees its own patch.
@@ -40,6 +51,9 @@ class HierarchicalXLConfig(PreTrainedConfig):
         attention_bias: bias in the q/k/v/o projections.
         initializer_range: std of the normal initialisation.
         tie_word_embeddings: share the input embedding and the LM head weights.
+        pad_token_id, bos_token_id, eos_token_id: special ids, None or in `[0, vocab_size)` (eos: also a list).
+
+    Unknown keyword arguments (`local_windw=32`) raise a `ValueError` listing the valid fields.
     """
 
     model_type = "hierarchical_xl"
@@ -67,25 +81,27 @@ class HierarchicalXLConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
-        self.validate_hierarchy()
+        reject_unknown_keys(self, kwargs)
         super().__post_init__(**kwargs)
+        self.validate()
 
-    def validate_hierarchy(self) -> None:
-        """Check every knob; raise `ValueError` naming the field and the allowed range."""
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "patch_size",
-            "local_window",
-            "max_patch_summaries",
+    def validate(self) -> None:
+        """Check every knob; raise `ValueError` naming the field and the allowed range. Also run by
+        `save_pretrained` before anything is written."""
+        super().validate()
+        check_positive_ints(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "patch_size",
+                "local_window",
+                "max_patch_summaries",
+            ),
         )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -99,21 +115,25 @@ class HierarchicalXLConfig(PreTrainedConfig):
                 "always sees its own patch at full resolution."
             )
         if self.section_size is not None:
-            if not isinstance(self.section_size, int) or isinstance(self.section_size, bool) or self.section_size < 2:
+            if not is_int(self.section_size) or self.section_size < 2:
                 raise ValueError(f"`section_size` must be None or an integer >= 2, got {self.section_size!r}.")
-            if not isinstance(self.max_section_summaries, int) or self.max_section_summaries < 1:
+            if not is_int(self.max_section_summaries) or self.max_section_summaries < 1:
                 raise ValueError(
                     f"`max_section_summaries` must be an integer >= 1 when `section_size` is set, got "
                     f"{self.max_section_summaries!r}."
                 )
-        if not self.rope_theta > 0:
-            raise ValueError(f"`rope_theta` must be > 0, got {self.rope_theta!r}.")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
-        if not 0.0 <= self.attention_dropout < 1.0:
+        check_positive_numbers(self, ("rope_theta", "rms_norm_eps", "initializer_range"))
+        if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
-        if not self.initializer_range > 0:
-            raise ValueError(f"`initializer_range` must be > 0, got {self.initializer_range!r}.")
+        check_activation(self)
+        check_token_ids(self, ("pad_token_id", "bos_token_id", "eos_token_id"))
+        for name in ("attention_bias", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        self.validate()  # before anything is written: a folder that cannot be loaded back is never made
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def section_memory(self) -> int:

@@ -287,6 +287,10 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim
             init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponents))
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        self.config.validate()  # before the folder, the code or the weights are written
+        super().save_pretrained(save_directory, *args, **kwargs)
+
 
 def check_cache(cache: object, config: HierarchicalXLConfig) -> None:
     """Accept any HierarchicalXLCache (the package's or a checkpoint's remote-code copy: recognised by its marker,

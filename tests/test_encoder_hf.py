@@ -72,8 +72,8 @@ def test_save_and_load_with_safetensors_only_and_remote_code(tmp_path):
     model.save_pretrained(folder)
     files = sorted(path.name for path in folder.iterdir())
     assert files == [
-        "config.json", "configuration_hierarchical.py", "model.safetensors", "modeling_blocks.py",
-        "modeling_hierarchical.py",
+        "config.json", "configuration_checks.py", "configuration_hierarchical.py", "model.safetensors",
+        "modeling_blocks.py", "modeling_hierarchical.py",
     ], files
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_hierarchical.HierarchicalConfig"

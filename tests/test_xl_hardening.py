@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from training_utils import TINY_XL_CONFIG
 
-from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
+from transformers import AutoConfig
+
+from hier_transformers import HierarchicalConfig, HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
 
 
 def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
@@ -98,3 +100,61 @@ def test_cache_state_dict_round_trips_exactly_through_safetensors(tmp_path):
     other = HierarchicalXLCache(tiny_model(patch_size=2).config)
     with pytest.raises(ValueError, match="patch_size"):
         other.load_state_dict(cache.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("config_class", [HierarchicalXLConfig, HierarchicalConfig])
+def test_unknown_config_keys_are_named_but_saved_configs_load(tmp_path, config_class):
+    with pytest.raises(ValueError, match=r"unknown keys `patch_sizee` \(did you mean `patch_size`\?\).*Valid fields"):
+        config_class(patch_sizee=4)
+    # transformers' own keyword arguments and bookkeeping keys stay accepted
+    config = config_class(torch_dtype="float32", num_labels=3, attn_implementation="eager", name_or_path="here",
+                          output_attentions=False)
+    assert config.num_labels == 3 and config._attn_implementation == "eager"
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is config_class and loaded.to_diff_dict() == config.to_diff_dict()
+    assert config_class.from_dict(config.to_dict()).to_diff_dict() == config.to_diff_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_act="gelux"), "hidden_act"),
+        (dict(pad_token_id=40), "pad_token_id"),
+        (dict(bos_token_id=-1), "bos_token_id"),
+        (dict(eos_token_id=[2, 99]), "eos_token_id"),
+        (dict(rope_theta="10000"), "rope_theta"),
+        (dict(use_cache="yes"), "use_cache"),
+    ],
+)
+def test_xl_config_rejects_values_that_fail_later(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        HierarchicalXLConfig(**(TINY_XL_CONFIG | {"vocab_size": 40} | overrides))
+
+
+@pytest.mark.parametrize("config_class", [HierarchicalXLConfig, HierarchicalConfig])
+def test_save_pretrained_validates_and_writes_no_config(tmp_path, config_class):
+    config = config_class()
+    config.patch_size = 0  # attributes can be set after construction: save is the last gate
+    with pytest.raises(ValueError, match="patch_size"):
+        config.save_pretrained(tmp_path / "config")
+    assert not (tmp_path / "config" / "config.json").exists()
+
+
+def test_xl_model_save_pretrained_writes_nothing_for_an_invalid_config(tmp_path):
+    model = tiny_model()
+    model.config.local_window = 2  # < patch_size
+    with pytest.raises(ValueError, match="local_window"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+@torch.no_grad()
+def test_forward_without_cache_allocates_nothing_of_the_window_size():
+    model = tiny_model(local_window=10**11)  # a window of 10^11 tokens: any allocation of that size would fail
+    reference = tiny_model(local_window=64)  # same weights; the window covers the whole input either way
+    input_ids = torch.randint(4, 40, (2, 50))
+    torch.testing.assert_close(model(input_ids, use_cache=False).logits, reference(input_ids, use_cache=False).logits)
