@@ -22,12 +22,24 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).with_name("template.md")
 
-ARCHITECTURE_FIELDS = (
-    "model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "intermediate_size", "hidden_act", "patch_size", "section_size", "hierarchy_layout", "summary_type",
-    "local_window", "max_patch_summaries", "max_section_summaries", "section_position", "rope_theta",
-    "max_position_embeddings", "tie_word_embeddings", "num_labels",
-)
+# config fields that describe no architecture (token ids, initialisation, runtime switches)
+NON_ARCHITECTURE_FIELDS = {"pad_token_id", "bos_token_id", "eos_token_id", "initializer_range", "use_cache",
+                           "add_cross_attention", "is_decoder"}
+
+
+def architecture_fields(config: dict) -> list[str]:
+    """The fields of the card's architecture table: ``model_type``, ``architectures``, then every field the config
+    class declares (read from the class, so a renamed or new hierarchy field is never dropped), then ``num_labels``."""
+    import hier_transformers  # noqa: F401  (registers the hierarchical families with AutoConfig)
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    declared = list(vars(CONFIG_MAPPING[model_type]).get("__annotations__", {})) if model_type in CONFIG_MAPPING else []
+    fields = ["model_type", "architectures", *(name for name in declared if name not in NON_ARCHITECTURE_FIELDS)]
+    if "id2label" in config:
+        fields.append("num_labels")
+    return fields
+
 
 TASKS = {
     "causal-lm": {
@@ -159,7 +171,9 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_t
         model_name=name, eval_results=eval_results or None,
     )
     parameters = count_parameters(folder)
-    architecture = [(key, _format(config[key])) for key in ARCHITECTURE_FIELDS if key in config]
+    if "id2label" in config:
+        config = {**config, "num_labels": len(config["id2label"])}
+    architecture = [(key, _format(config[key])) for key in architecture_fields(config) if key in config]
     if parameters is not None:
         architecture.append(("parameters", f"{parameters:,}"))
     run_config = summary.get("run_config", {})
