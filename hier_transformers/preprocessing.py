@@ -33,25 +33,45 @@ import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 LAYOUTS = ("sentence", "fixed")
-PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-SENTENCE_END = re.compile(r"(?P<word>[^\s.!?]*)(?P<end>[.!?]+)[\"'\u201d\u2019)\]]*\s+(?=(?P<next>\S))")
+# Both patterns are linear on any input: possessive quantifiers never backtrack, and a sentence end is only tried at
+# the first mark of a run of `.!?` (the lookbehind), so a long run without whitespace is scanned once, not once per
+# position. The word before the mark is read backwards by `_word_before`, at most a few characters.
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*+\n\s*+")
+SENTENCE_END = re.compile(r"(?<![.!?])(?P<end>[.!?]++)[\"'\u201d\u2019)\]]*+\s++(?=(?P<next>\S))")
 ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st sen rep gov gen col lt sgt capt adm rev hon pres vs etc eg ie cf al approx dept "
     "est fig inc ltd co corp vol pp jan feb mar apr jun jul aug sep sept oct nov dec mt ft".split()
 )
+LONGEST_ABBREVIATION = max(map(len, ABBREVIATIONS))
 # Per-token keys the collator pads, with their pad values (None: the tokenizer's pad id / the label pad id).
-TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1,
+              "offset_mapping": (0, 0)}
 LABEL_KEYS = ("labels", "label")
+NO_SPAN = (0, 0)  # the offsets of padding and special tokens
+Token = tuple[int, tuple[int, int]]  # (token id, (start, end) characters in the text)
+Position = tuple[int, int, tuple[int, int]]  # one position of the layout: (token id, attention mask, offsets)
+
+
+def _word_before(text: str, end: int, start: int) -> str:
+    """The word (no whitespace, no `.!?`) ending at `end`, not reaching before `start`; only its last
+    `LONGEST_ABBREVIATION + 1` characters are read (a longer word is no abbreviation either way)."""
+    begin = end
+    while begin > start and end - begin <= LONGEST_ABBREVIATION and not text[begin - 1].isspace() \
+            and text[begin - 1] not in ".!?":
+        begin -= 1
+    return text[begin:end]
 
 
 def sentence_starts(text: str) -> list[tuple[int, bool]]:
-    """Character offsets where sentences start, each with True if it also starts a paragraph. Always has (0, True)."""
+    """Character offsets where sentences start, each with True if it also starts a paragraph. Always has (0, True).
+
+    Linear time in `len(text)` on any input (also a million characters without whitespace)."""
     starts = [(0, True)]
     paragraph_start = 0
     for paragraph_break in [*PARAGRAPH_BREAK.finditer(text), None]:
         paragraph_end = len(text) if paragraph_break is None else paragraph_break.start()
         for match in SENTENCE_END.finditer(text, paragraph_start, paragraph_end):
-            word = match.group("word").lower()
+            word = _word_before(text, match.start(), paragraph_start).lower()
             is_abbreviation = match.group("end") == "." and (len(word) == 1 or word in ABBREVIATIONS)
             if not is_abbreviation and not match.group("next").islower() and match.end() < paragraph_end:
                 starts.append((match.end(), False))
@@ -59,6 +79,11 @@ def sentence_starts(text: str) -> list[tuple[int, bool]]:
             paragraph_start = paragraph_break.end()
             starts.append((paragraph_start, True))
     return starts
+
+
+def _with_offsets(ids: list[int], offsets: list[tuple[int, int]] | None) -> list[Token]:
+    """Pair token ids with their character offsets (`NO_SPAN` where there are none: special tokens, slow tokenizers)."""
+    return list(zip(ids, offsets)) if offsets is not None else [(token, NO_SPAN) for token in ids]
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -138,30 +163,44 @@ class DocumentPreprocessor:
             f"cannot tell where {type(self.tokenizer).__name__} puts its special tokens; use add_special_tokens=False."
         )
 
-    def __call__(self, texts: str | Sequence[str], return_tensors: str | None = None) -> BatchEncoding:
+    def __call__(
+        self, texts: str | Sequence[str], return_tensors: str | None = None, return_offsets_mapping: bool = False
+    ) -> BatchEncoding:
+        """`return_offsets_mapping=True` (fast tokenizers) adds `offset_mapping`: per position of the layout, the
+        `(start, end)` characters of the text its token came from; `(0, 0)` for padding and special tokens."""
         single = isinstance(texts, str)
         batch_texts = [texts] if single else list(texts)
         if not batch_texts:
             raise ValueError("texts is empty; pass a str or a non-empty list of str.")
+        if return_offsets_mapping and not self.tokenizer.is_fast:
+            raise ValueError(
+                f"return_offsets_mapping=True needs a fast tokenizer (offsets come from it); "
+                f"{type(self.tokenizer).__name__} is a slow one."
+            )
         if self.layout == "fixed":
-            documents = [self._pad_to_patches(ids) for ids in self.tokenizer(
-                batch_texts, add_special_tokens=self.add_special_tokens, verbose=False)["input_ids"]]
+            encoded = self.tokenizer(batch_texts, add_special_tokens=self.add_special_tokens, verbose=False,
+                                     return_offsets_mapping=self.tokenizer.is_fast)
+            offsets = encoded["offset_mapping"] if self.tokenizer.is_fast else [None] * len(batch_texts)
+            documents = [self._pad_to_patches(_with_offsets(ids, spans))
+                         for ids, spans in zip(encoded["input_ids"], offsets)]
         else:
             documents = [self._sentence_layout(sentences) for sentences in self._sentences(batch_texts)]
-        input_ids = []
-        for index, ids in enumerate(documents):
-            if not any(token_mask for _, token_mask in ids):
+        laid_out = []
+        for index, positions in enumerate(documents):
+            if not any(token_mask for _, token_mask, _ in positions):
                 raise ValueError(f"texts[{index}] has no tokens; remove empty documents first.")
-            input_ids.append(self._check_length(index, ids))
-        features = [{"input_ids": [t for t, _ in ids], "attention_mask": [m for _, m in ids]} for ids in input_ids]
+            laid_out.append(self._check_length(index, positions))
+        keys = ("input_ids", "attention_mask", "offset_mapping") if return_offsets_mapping else (
+            "input_ids", "attention_mask")
+        features = [dict(zip(keys, map(list, zip(*positions)))) for positions in laid_out]
         if return_tensors is not None:
             collator = DataCollatorForHierarchical(self.tokenizer, self.patch_size, self.section_size)
             return BatchEncoding(collator(features), tensor_type=return_tensors)
         if single:
             return BatchEncoding(features[0])
-        return BatchEncoding({key: [feature[key] for feature in features] for key in ("input_ids", "attention_mask")})
+        return BatchEncoding({key: [feature[key] for feature in features] for key in keys})
 
-    def _check_length(self, index: int, ids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _check_length(self, index: int, ids: list[Position]) -> list[Position]:
         if self.max_length is None or len(ids) <= self.max_length:
             return ids
         if self.truncation:
@@ -171,48 +210,48 @@ class DocumentPreprocessor:
             f"{self.max_length}; raise max_length, drop it, or pass truncation=True to keep its first patches."
         )
 
-    def _pad_to_patches(self, tokens: list[int]) -> list[tuple[int, int]]:
-        """Tokens -> (token id, attention mask) pairs, padded to a whole number of patches."""
+    def _pad_to_patches(self, tokens: list[Token]) -> list[Position]:
+        """Tokens -> (token id, attention mask, offsets) positions, padded to a whole number of patches."""
         padding = (-len(tokens)) % self.patch_size
-        return [(token, 1) for token in tokens] + [(self.pad_token_id, 0)] * padding
+        return [(token, 1, span) for token, span in tokens] + [(self.pad_token_id, 0, NO_SPAN)] * padding
 
-    def _sentences(self, texts: list[str]) -> list[list[tuple[list[int], bool]]]:
-        """Per document: (token ids, starts a paragraph) for each sentence, special tokens added around the document."""
+    def _sentences(self, texts: list[str]) -> list[list[tuple[list[Token], bool]]]:
+        """Per document: (tokens, starts a paragraph) for each sentence, special tokens added around the document."""
         all_starts = [sentence_starts(text) for text in texts]
         if self.tokenizer.is_fast:
             encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             documents = [
-                self._split_by_offsets(ids, offsets, starts)
+                self._split_by_offsets(_with_offsets(ids, offsets), starts)
                 for ids, offsets, starts in zip(encoded["input_ids"], encoded["offset_mapping"], all_starts)
             ]
         else:
             pieces = [text[start:end] for text, starts in zip(texts, all_starts)
                       for (start, _), (end, _) in zip(starts, [*starts[1:], (len(text), True)])]
             piece_ids = iter(self.tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"])
-            documents = [[(next(piece_ids), new_paragraph) for _, new_paragraph in starts] for starts in all_starts]
+            documents = [[(_with_offsets(next(piece_ids), None), new_paragraph) for _, new_paragraph in starts]
+                         for starts in all_starts]
+        prefix, suffix = _with_offsets(self.prefix_ids, None), _with_offsets(self.suffix_ids, None)
         for sentences in documents:  # special tokens go around the first and last sentence that has tokens
             with_tokens = [index for index, (tokens, _) in enumerate(sentences) if tokens] or [0]
             first, last = with_tokens[0], with_tokens[-1]
-            sentences[first] = (self.prefix_ids + sentences[first][0], sentences[first][1])
-            sentences[last] = (sentences[last][0] + self.suffix_ids, sentences[last][1])
+            sentences[first] = (prefix + sentences[first][0], sentences[first][1])
+            sentences[last] = (sentences[last][0] + suffix, sentences[last][1])
         return documents
 
     @staticmethod
-    def _split_by_offsets(
-        ids: list[int], offsets: list[tuple[int, int]], starts: list[tuple[int, bool]]
-    ) -> list[tuple[list[int], bool]]:
+    def _split_by_offsets(tokens: list[Token], starts: list[tuple[int, bool]]) -> list[tuple[list[Token], bool]]:
         """Assign each token to the sentence its first character is in (monotonically, so nothing is reordered)."""
         positions = [position for position, _ in starts]
-        sentences: list[tuple[list[int], bool]] = [([], new_paragraph) for _, new_paragraph in starts]
+        sentences: list[tuple[list[Token], bool]] = [([], new_paragraph) for _, new_paragraph in starts]
         sentence = 0
-        for token, (char_start, _) in zip(ids, offsets):
-            sentence = max(sentence, bisect.bisect_right(positions, char_start) - 1)
+        for token in tokens:
+            sentence = max(sentence, bisect.bisect_right(positions, token[1][0]) - 1)
             sentences[sentence][0].append(token)
         return sentences
 
-    def _sentence_layout(self, sentences: list[tuple[list[int], bool]]) -> list[tuple[int, int]]:
+    def _sentence_layout(self, sentences: list[tuple[list[Token], bool]]) -> list[Position]:
         """Sentences -> patches (one per sentence, long ones split, short ones merged) -> sections per paragraph."""
-        paragraphs: list[list[list[int]]] = []  # paragraph -> patches -> tokens
+        paragraphs: list[list[list[Token]]] = []  # paragraph -> patches -> tokens
         for tokens, new_paragraph in sentences:
             if new_paragraph or not paragraphs:
                 paragraphs.append([])
@@ -223,8 +262,8 @@ class DocumentPreprocessor:
                 patches[-1].extend(tokens)
                 continue
             patches.extend(tokens[i : i + self.patch_size] for i in range(0, len(tokens), self.patch_size))
-        flat: list[tuple[int, int]] = []
-        empty_patch = [(self.pad_token_id, 0)] * self.patch_size
+        flat: list[Position] = []
+        empty_patch = [(self.pad_token_id, 0, NO_SPAN)] * self.patch_size
         for patches in paragraphs:
             for patch in patches:
                 flat.extend(self._pad_to_patches(patch))
@@ -237,7 +276,8 @@ class DocumentPreprocessor:
 class DataCollatorForHierarchical:
     """Pads a list of documents to one length, a multiple of ``patch_size * section_size``, and returns tensors.
 
-    ``input_ids`` are padded with the tokenizer's pad id, ``attention_mask``/``token_type_ids`` with 0. ``labels``
+    ``input_ids`` are padded with the tokenizer's pad id, ``attention_mask``/``token_type_ids`` with 0; a feature without
+    ``attention_mask`` gets one (1 for each of its tokens), so the padding is never attended to. ``labels``
     (or ``label``, renamed ``labels``) holding one value per token (a list as long as ``input_ids``) are padded with
     ``label_pad_token_id``; any other label (an int, a float, a multi-label vector) is stacked as it is. Padding only
     appends whole patches/sections at the end, so the sentence layout of every document is kept. Works as
@@ -259,6 +299,8 @@ class DataCollatorForHierarchical:
             raise ValueError("features must be a non-empty list of mappings that each have input_ids.")
         features = [{key: value.tolist() if isinstance(value, torch.Tensor) else value
                      for key, value in feature.items()} for feature in features]
+        for feature in features:  # without a mask the padding added here would be attended to
+            feature.setdefault("attention_mask", [1] * len(feature["input_ids"]))
         lengths = [len(feature["input_ids"]) for feature in features]
         block = self.patch_size * self.section_size
         length = max(block, -(-max(lengths) // block) * block)

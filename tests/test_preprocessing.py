@@ -191,3 +191,60 @@ def test_round_trip_through_datasets_map_and_collator(wordpiece, articles):
     tensors = preprocessor(articles[:6], return_tensors="pt")
     assert torch.equal(tensors["input_ids"], batch["input_ids"])
     assert torch.equal(tensors["attention_mask"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("text", ["\u4e2d\u6587" * 500_000, "x" * 1_000_000, "." * 1_000_000, "?!" * 500_000,
+                                  "Word. " * 1_000 + "\n \n" * 300_000 + "End"])
+def test_sentence_splitter_is_linear_on_a_million_characters(text):
+    """The sentence rule used to restart a scan at every character of a run without whitespace (40k CJK characters:
+    30 s, quadratic, so a million would take hours); now a million characters take well under a second."""
+    import time
+
+    start = time.perf_counter()
+    starts = sentence_starts(text)
+    assert time.perf_counter() - start < 5
+    if text.startswith("Word."):
+        assert [s for s, paragraph in starts if not paragraph] == [6 * i for i in range(1, 1_000)]
+        assert starts[-1] == (len(text) - 3, True) and len(starts) == 1_001
+    else:
+        assert starts == [(0, True)]
+
+
+@pytest.mark.parametrize("text, expected", [("\u4e2d\u6587" * 500_000, None), ("x" * 1_000_000, "[UNK]")])
+def test_sentence_layout_of_a_million_characters_without_whitespace(wordpiece, text, expected):
+    """1M characters of Chinese (1M tokens) and one 1M-character word go through the whole sentence layout in seconds
+    (most of it the tokenizer's own time), every token kept in order."""
+    import time
+
+    start = time.perf_counter()
+    encoding = DocumentPreprocessor(wordpiece, patch_size=64, section_size=8, add_special_tokens=False)(text)
+    assert time.perf_counter() - start < 30
+    kept = [t for t, m in zip(encoding["input_ids"], encoding["attention_mask"]) if m]
+    if expected is None:  # BERT's tokenizer makes every CJK character a token
+        assert kept == wordpiece.convert_tokens_to_ids(["\u4e2d", "\u6587"]) * 500_000
+    else:
+        assert kept == [wordpiece.convert_tokens_to_ids(expected)]
+    assert len(encoding["input_ids"]) % (64 * 8) == 0
+
+
+def test_offset_mapping_points_every_token_at_its_text(wordpiece, articles, byte_level):
+    text = articles[1]
+    for layout in ("sentence", "fixed"):
+        preprocessor = DocumentPreprocessor(wordpiece, patch_size=16, section_size=2, layout=layout)
+        encoding = preprocessor(text, return_offsets_mapping=True)
+        assert len(encoding["offset_mapping"]) == len(encoding["input_ids"])
+        reference = wordpiece(text, return_offsets_mapping=True, verbose=False)
+        spans = [tuple(span) for span, mask in zip(encoding["offset_mapping"], encoding["attention_mask"]) if mask]
+        assert spans == [tuple(span) for span in reference["offset_mapping"]]  # (0, 0) for [CLS] and [SEP]
+        assert all(tuple(span) == (0, 0) for span, mask in zip(encoding["offset_mapping"], encoding["attention_mask"])
+                   if not mask)
+        tensors = preprocessor([text, "Short."], return_tensors="pt", return_offsets_mapping=True)
+        assert tensors["offset_mapping"].shape == (*tensors["input_ids"].shape, 2)
+    with pytest.raises(ValueError, match="return_offsets_mapping"):
+        DocumentPreprocessor(byte_level, patch_size=16, section_size=2)(text, return_offsets_mapping=True)
+
+
+def test_collator_masks_padding_when_features_have_no_attention_mask(wordpiece):
+    batch = DataCollatorForHierarchical(wordpiece, patch_size=4, section_size=2)(
+        [{"input_ids": [5, 6, 7]}, {"input_ids": list(range(10, 19))}])
+    assert batch["attention_mask"].tolist() == [[1] * 3 + [0] * 13, [1] * 9 + [0] * 7]
