@@ -14,6 +14,8 @@ import sys
 import pytest
 from training_utils import REPO_ROOT, TINY_MLM_RUN, child_env, cli, summary, train_losses
 
+from training.common import read_metrics
+
 RUN = {**TINY_MLM_RUN, "max_steps": 4, "save_every": 2, "eval_every": 4, "max_train_documents": 16}
 
 
@@ -55,7 +57,7 @@ def test_output_dir_holding_a_run_is_refused_and_overwrite_starts_clean(run_copy
                    "overwrite_output_dir": "true"}))
     # only the new run is left: its two checkpoints, its log lines, its final model
     assert sorted(path.name for path in (run_copy / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
-    assert [record["step"] for record in map(json.loads, (run_copy / "logs" / "metrics.jsonl").read_text().split())
+    assert [record["step"] for record in read_metrics(run_copy / "logs" / "metrics.jsonl")
             if "train/loss" in record] == [1, 2]
     assert summary(run_copy)["steps"] == 2
 
