@@ -40,6 +40,41 @@ def eager_attention_forward(
     return output, weights
 
 
+def check_token_inputs(
+    input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, vocab_size: int, hidden_size: int
+) -> tuple[int, int]:
+    """Validate `input_ids` [batch, seq_len] (integer ids in [0, vocab_size)) or `inputs_embeds`
+    [batch, seq_len, hidden_size]: exactly one of them, batch >= 1, seq_len >= 1. Returns (batch, seq_len)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"`input_ids` must lie in [0, vocab_size={vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be [batch, seq_len, hidden_size={hidden_size}], got shape "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[0] == 0:
+        raise ValueError("The batch is empty: `input_ids` / `inputs_embeds` need at least one row (batch >= 1).")
+    if shape[1] == 0:
+        raise ValueError(
+            "`input_ids` / `inputs_embeds` must hold at least one token (seq_len >= 1); to generate from an empty "
+            "prompt, start from the BOS token."
+        )
+    return shape
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with separate q/k/v/o projections.
 

@@ -24,7 +24,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_hierarchical_xl import HierarchicalXLCache, HierarchicalXLCacheLayer, cached_slots, gather_slots
 from .configuration_hierarchical_xl import HierarchicalXLConfig
-from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding, apply_rotary
+from .modeling_blocks import (
+    AttentionPooling,
+    FeedForward,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    apply_rotary,
+    check_token_inputs,
+)
 
 
 def visible_ranges(
@@ -370,13 +377,21 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Inputs [batch, seq_len] of any length. `attention_mask`: 1 = real token; left padding (or right padding
         at the end of rows). With `cache`, the chunk continues the cached rows (a 2D mask may include the cached
-        columns, as `generate` passes it). `use_cache` defaults to `config.use_cache` outside training."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        columns, as `generate` passes it). `use_cache` defaults to `config.use_cache` outside training.
+        `output_attentions=True` is refused: the attention is block-local over three kinds of keys, there is no
+        [seq_len, seq_len] map to return."""
+        check_token_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.hidden_size)
+        if output_attentions or (output_attentions is None and self.config.output_attentions):
+            raise ValueError(
+                "HierarchicalXL does not return attention weights (`output_attentions=True`, or "
+                "`config.output_attentions`): each query block attends to its own gathered window of tokens, patch "
+                "summaries and section summaries, so there is no [seq_len, seq_len] map. Leave it unset."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache is None:
@@ -454,6 +469,21 @@ class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, cache: HierarchicalXLCache | None = None, **kwargs
+    ) -> dict:
+        past = cache.get_seq_length() if cache is not None else 0
+        if kwargs.get("inputs_embeds") is None and input_ids.shape[1] <= past:
+            raise ValueError(
+                f"`generate(input_ids, cache=cache)`: `input_ids` must be the whole sequence so far, the {past} "
+                f"columns the cache already holds followed by at least one new token (pass the `sequences` of the "
+                f"call that filled the cache, plus any new text), got {input_ids.shape[1]} columns. For an unrelated "
+                "prompt use a new cache."
+                if past
+                else "`generate` needs a prompt of at least one token; to start from nothing, pass the BOS token."
+            )
+        return super().prepare_inputs_for_generation(input_ids, *args, cache=cache, **kwargs)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -465,6 +495,7 @@ class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -477,6 +508,7 @@ class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None

@@ -1,11 +1,19 @@
 """Byte-level tokenizer: UTF-8 bytes are the tokens, there is no vocabulary file.
 
 Ids 0-3 are the special tokens `<pad>`, `<s>` (bos), `</s>` (eos), `<unk>`; byte `b` is id `b + 4`; `len(tokenizer)`
-is 260. Nothing is added around the text by default (set `add_bos_token=True` / `add_eos_token=True` to change it).
-Prompts are padded on the left, as generation needs.
+is 260. Nothing is added around the text by default (set `add_bos_token=True` / `add_eos_token=True` to change it;
+both are saved with the tokenizer). Prompts are padded on the left, as generation needs.
+
+Text is bytes: a literal `"<pad>"`, `"<s>"` or `"</s>"` in the text is encoded as its bytes (five, three, four ids),
+never as a special id, so `len(tokenizer(text, add_special_tokens=False).input_ids) == len(text.encode())` for any
+text (what a bits-per-byte count relies on). Special ids come only from the tokenizer's own flags and arguments
+(`add_special_tokens`, padding).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from transformers.tokenization_python import AddedToken, PreTrainedTokenizer
 
@@ -68,7 +76,12 @@ class ByteTokenizer(PreTrainedTokenizer):
         mask = bos + [0] * len(token_ids_0) + eos
         return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
 
-    def _tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """One token per UTF-8 byte; special-token strings in the text are bytes like any other (no splitting on
+        added tokens, whatever `split_special_tokens` says)."""
+        return self._tokenize(text)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [chr(byte) for byte in text.encode("utf-8")]
 
     def _convert_token_to_id(self, token: str) -> int:
@@ -82,6 +95,15 @@ class ByteTokenizer(PreTrainedTokenizer):
             token.encode("utf-8") if token in self.added_tokens_encoder else bytes([ord(token)]) for token in tokens
         )
         return data.decode("utf-8", errors="replace")
+
+    def _save_pretrained(self, save_directory, file_names: tuple[str, ...], *args, **kwargs) -> tuple[str, ...]:
+        # transformers 5 leaves `add_bos_token` / `add_eos_token` out of tokenizer_config.json (fast tokenizers keep
+        # them in their post-processor); this tokenizer has none, so it writes them back before anything is uploaded.
+        config_file = Path(file_names[0])
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config |= {"add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token}
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        return super()._save_pretrained(save_directory, file_names, *args, **kwargs)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         return ()  # no vocabulary file: the vocabulary is the 256 byte values

@@ -7,10 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from training_utils import TINY_XL_CONFIG
-
 from transformers import AutoConfig
 
-from hier_transformers import HierarchicalConfig, HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
+from hier_transformers import (
+    ByteTokenizer,
+    HierarchicalConfig,
+    HierarchicalXLCache,
+    HierarchicalXLConfig,
+    HierarchicalXLForCausalLM,
+)
 
 
 def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
@@ -158,3 +163,113 @@ def test_forward_without_cache_allocates_nothing_of_the_window_size():
     reference = tiny_model(local_window=64)  # same weights; the window covers the whole input either way
     input_ids = torch.randint(4, 40, (2, 50))
     torch.testing.assert_close(model(input_ids, use_cache=False).logits, reference(input_ids, use_cache=False).logits)
+
+
+# ----------------------------------------------------------------------------------------------- model inputs
+
+
+@torch.no_grad()
+def test_bad_inputs_get_named_errors():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 10))
+    cases = [
+        (dict(input_ids=input_ids[:0]), "batch is empty"),
+        (dict(input_ids=input_ids[:, :0]), "at least one token"),
+        (dict(input_ids=input_ids.clone().index_fill_(1, torch.tensor([3]), 40)), r"\[0, vocab_size=40\)"),
+        (dict(input_ids=input_ids.clone().index_fill_(1, torch.tensor([0]), -1)), r"got values in \[-1, "),
+        (dict(input_ids=input_ids[None]), r"`input_ids` must be \[batch, seq_len\]"),
+        (dict(input_ids=input_ids.float()), "integer token ids"),
+        (dict(inputs_embeds=torch.randn(2, 10, 31)), "hidden_size=32"),
+        (dict(inputs_embeds=torch.randn(2, 0, 32)), "at least one token"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**inputs)
+
+
+def test_output_attentions_is_refused_with_a_reason():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (1, 9))
+    with pytest.raises(ValueError, match="does not return attention weights"):
+        model(input_ids, output_attentions=True)
+    with pytest.raises(ValueError, match="does not return attention weights"):
+        model.generate(input_ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+
+
+def test_generate_refuses_an_empty_prompt_and_a_prompt_that_does_not_continue_the_cache():
+    model = tiny_model()
+    model.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    output = model.generate(torch.randint(4, 40, (1, 10)), max_new_tokens=4, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="the 13 columns the cache already holds"):
+        model.generate(torch.randint(4, 40, (1, 5)), cache=output.cache, max_new_tokens=3)
+    more = model.generate(output.sequences, cache=output.cache, max_new_tokens=3)  # the documented way works
+    assert more.shape == (1, 17)
+
+
+def test_a_cache_from_another_config_is_refused_by_name():
+    model = tiny_model()
+    other = tiny_model(patch_size=2)  # same tensor shapes per slot, other meaning
+    cache = other(torch.randint(4, 40, (1, 9)), use_cache=True).cache
+    with pytest.raises(ValueError, match="patch_size: cache 2 vs model 4"):
+        model(torch.randint(4, 40, (1, 3)), cache=cache)
+    with pytest.raises(TypeError, match="must be a HierarchicalXLCache"):
+        model(torch.randint(4, 40, (1, 3)), cache=object())
+
+
+def test_package_cache_works_with_the_same_model_loaded_as_remote_code(tmp_path):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from hier_transformers import segment_lm_step
+
+    model = tiny_model()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path)
+    # what `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` gives in a process that had not
+    # imported the package yet: the class from the folder's own copy of the code
+    remote_class = get_class_from_dynamic_module("modeling_hierarchical_xl.HierarchicalXLForCausalLM", tmp_path)
+    remote = remote_class.from_pretrained(tmp_path).eval()
+    assert type(remote) is not HierarchicalXLForCausalLM and not type(remote).__module__.startswith("hier_transformers")
+    input_ids = torch.randint(4, 40, (2, 21))
+    loss, count, cache = segment_lm_step(remote, input_ids, segment_length=8)  # builds the package's cache
+    expected_loss, _, _ = segment_lm_step(model, input_ids, segment_length=8)
+    torch.testing.assert_close(loss, expected_loss)
+    assert type(cache) is HierarchicalXLCache and cache.seen.tolist() == [21, 21]
+    prompt = torch.randint(4, 40, (1, 6))
+    ours = model.generate(prompt, cache=HierarchicalXLCache(model.config), max_new_tokens=8, do_sample=False)
+    theirs = remote.generate(prompt, cache=HierarchicalXLCache(model.config), max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
+    # ... and the remote module's cache works with the package's model
+    remote_cache = remote(prompt, use_cache=True).cache
+    assert type(remote_cache) is not HierarchicalXLCache
+    model(prompt, cache=remote_cache)
+
+
+# ----------------------------------------------------------------------------------------------- byte tokenizer
+
+
+def test_byte_tokenizer_treats_special_token_strings_in_text_as_bytes():
+    tokenizer = ByteTokenizer()
+    texts = ["<pad>", "a <s> b </s> c <unk>", "plain", "</s></s>"]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text.encode()) and min(ids) >= 4, text  # one byte token per byte: bits per byte
+        assert tokenizer.decode(ids) == text
+        assert tokenizer(text, split_special_tokens=False)["input_ids"] == ids  # no way to parse them out of text
+    batch = tokenizer(texts, padding=True)
+    for text, ids, mask in zip(texts, batch["input_ids"], batch["attention_mask"]):
+        real = [token for token, keep in zip(ids, mask) if keep]
+        assert len(real) == len(text.encode()) and tokenizer.decode(real) == text
+    assert tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True) == texts
+    flagged = ByteTokenizer(add_bos_token=True, add_eos_token=True)
+    assert flagged("<s>")["input_ids"] == [flagged.bos_token_id, *(4 + byte for byte in b"<s>"), flagged.eos_token_id]
+
+
+def test_byte_tokenizer_saves_its_bos_and_eos_flags(tmp_path):
+    from transformers import AutoTokenizer
+
+    ByteTokenizer(add_bos_token=True, add_eos_token=True).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.add_bos_token and loaded.add_eos_token
+    assert loaded("ab")["input_ids"] == [loaded.bos_token_id, 4 + ord("a"), 4 + ord("b"), loaded.eos_token_id]

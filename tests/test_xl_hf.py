@@ -67,11 +67,11 @@ def test_save_load_round_trip_is_exact_and_safetensors_only(tmp_path, tie_word_e
 
 def test_byte_tokenizer_round_trips_text_and_saves_without_vocabulary(tmp_path):
     tokenizer = ByteTokenizer()
-    text = "Grüße, 世界! </s>"
+    text = "Grüße, 世界! </s>"  # the literal "</s>" is text: four bytes, not the eos id
     ids = tokenizer(text)["input_ids"]
     assert len(tokenizer) == 260 and tokenizer.padding_side == "left"
-    assert ids[-1] == tokenizer.eos_token_id and tokenizer.decode(ids) == text
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "Grüße, 世界! "
+    assert len(ids) == len(text.encode()) and tokenizer.eos_token_id not in ids and tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
     assert tokenizer.decode([4 + 0xE4]) == "\ufffd"  # a cut UTF-8 sequence decodes with errors="replace"
     tokenizer.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["tokenization_byte.py", "tokenizer_config.json"]  # code, no vocab
