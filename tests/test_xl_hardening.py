@@ -273,3 +273,12 @@ def test_byte_tokenizer_saves_its_bos_and_eos_flags(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.add_bos_token and loaded.add_eos_token
     assert loaded("ab")["input_ids"] == [loaded.bos_token_id, 4 + ord("a"), 4 + ord("b"), loaded.eos_token_id]
+
+
+def test_generate_script_accepts_an_empty_prompt():
+    from training.generate import generate
+
+    model = tiny_model(vocab_size=260)
+    model.generation_config.eos_token_id = None
+    text = generate(model, ByteTokenizer(), "", max_new_tokens=6, greedy=True, stream=False)
+    assert isinstance(text, str) and text == generate(model, ByteTokenizer(), "", 6, greedy=True, stream=False)

@@ -5,6 +5,7 @@ section summaries), so memory and per-token time stay flat however long the gene
 
     python training/generate.py runs/xl_news_small/final --prompt "The government said" --max_new_tokens 400
     python training/generate.py runs/xl_news_small/final --prompt "Markets" --greedy
+    python training/generate.py runs/xl_news_small/final --prompt ""    # unconditional: starts from the BOS token
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ def load(checkpoint: str):
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 300, greedy: bool = False, temperature: float = 0.8,
              top_p: float = 0.95, seed: int = 0, stream: bool = True) -> str:
-    """Generate a continuation of ``prompt`` (printed as it is produced when ``stream``); returns the new text."""
+    """Generate a continuation of ``prompt`` (printed as it is produced when ``stream``); returns the new text.
+
+    An empty prompt starts from the BOS token (the model needs at least one token to condition on)."""
     torch.manual_seed(seed)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    if inputs["input_ids"].shape[1] == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("An empty --prompt needs a tokenizer with a BOS (or EOS) token to start from; give a prompt.")
+        inputs = {"input_ids": torch.tensor([[start]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True) if stream else None
     sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     with torch.no_grad():
