@@ -14,6 +14,7 @@ scheduler and RNG states as torch files that accelerate reads back with ``torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -779,6 +780,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, token
     accelerator.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def model_class_unsharded(model: torch.nn.Module):
+    """FSDP2 turns a model's class into ``FSDP<Class>``, defined in torch; ``save_pretrained`` would then copy torch's
+    module as the model's remote code. Inside this context the model has its own class again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(model)
+    if isinstance(model, FSDPModule):
+        model.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded_class
+
+
 def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary: dict, pipeline_tag: str,
                push_to_hub: str | None = None, hub_private: bool = False) -> None:
     """`save_pretrained` (safetensors, auto_map + code files, generation config), tokenizer, summary, model card;
@@ -786,8 +802,9 @@ def save_final(accelerator: Accelerator, model, tokenizer, folder: Path, summary
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; a collective on every process
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save)
+    with model_class_unsharded(unwrapped):
+        unwrapped.save_pretrained(folder, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(folder)
         (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
