@@ -8,7 +8,12 @@ viewed as blocks `[batch, n_sections, section_size, patch_size]`. Every unit car
 - section level: attention over the document, `[document slot, section summaries]`, `[B, 1 + n_sections, H]`.
 
 Contextualised slots are written back, so in the next layer tokens read their (by then document-aware) patch
-summary: information flows up and down and every token sees the whole document.
+summary. That path needs one layer per level to come back down, so in a 2-4 layer model a token barely feels another
+section (exactly zero with 2 layers). `config.top_down="summary_keys"` (the default) adds a direct top-down path: in
+every layer after the first one that runs a higher level, the token-level attention also reads the current summary of
+the token's section and of the document as two extra keys, `[patch slot, tokens] -> [patch slot, tokens, section,
+document]`; with attention pooling the document summary is pooled from the section summaries before the section level
+(as sections are pooled from patches), so it carries every section from the first layer on.
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ class HierarchicalModelOutput(ModelOutput):
         `[B, n_patches, P]`): weights pooling each patch's tokens into its summary.
     section_pooling_weights (`summary_type="attention_pooling"` only; tuple over the layers running the section
         level, `[B, n_sections, Q]`): weights pooling each section's patch summaries into its summary.
+    document_pooling_weights (`summary_type="attention_pooling"` and `top_down="summary_keys"` only; tuple over the
+        layers running the section level, `[B, n_sections]`): weights pooling the section summaries into the document.
+
+    With `top_down="summary_keys"`, `token_attentions` of the layers after the first one that runs a higher level
+    have `1 + P + 2` keys: the patch slot, the tokens, then the section summary and the document summary.
+    Rows with left padding are laid out from their first real token (as if right-padded); `last_hidden_state` is
+    returned at the caller's positions, the summaries and attentions in that left-aligned layout.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -65,6 +77,7 @@ class HierarchicalModelOutput(ModelOutput):
     section_attentions: tuple[torch.Tensor, ...] | None = None
     patch_pooling_weights: tuple[torch.Tensor, ...] | None = None
     section_pooling_weights: tuple[torch.Tensor, ...] | None = None
+    document_pooling_weights: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -83,6 +96,7 @@ class HierarchicalHeadOutput(ModelOutput):
     section_attentions: tuple[torch.Tensor, ...] | None = None
     patch_pooling_weights: tuple[torch.Tensor, ...] | None = None
     section_pooling_weights: tuple[torch.Tensor, ...] | None = None
+    document_pooling_weights: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def from_base(cls, outputs: HierarchicalModelOutput, logits: torch.Tensor, loss: torch.Tensor | None):
@@ -95,6 +109,7 @@ class HierarchicalHeadOutput(ModelOutput):
             section_attentions=outputs.section_attentions,
             patch_pooling_weights=outputs.patch_pooling_weights,
             section_pooling_weights=outputs.section_pooling_weights,
+            document_pooling_weights=outputs.document_pooling_weights,
         )
 
 
@@ -109,6 +124,7 @@ class HierarchyMasks:
     patches: torch.Tensor  # [B, n_patches]
     sections: torch.Tensor  # [B, n_sections]
     token_keys: torch.Tensor  # [B * n_patches, 1, 1, 1 + P]
+    token_context_keys: torch.Tensor  # [B * n_patches, 1, 1, 1 + P + 2]: then the section and document summaries
     patch_keys: torch.Tensor  # [B * n_sections, 1, 1, 1 + Q]
     section_keys: torch.Tensor  # [B, 1, 1, 1 + n_sections]
 
@@ -125,14 +141,24 @@ class HierarchyMasks:
             slot = torch.ones_like(members[:, :1])
             return torch.cat([slot, members], dim=-1)[:, None, None, :]
 
+        token_keys = with_slot(tokens.reshape(batch_size * n_patches, -1))
         return cls(
             tokens=tokens,
             patches=patches,
             sections=sections,
-            token_keys=with_slot(tokens.reshape(batch_size * n_patches, -1)),
+            token_keys=token_keys,
+            token_context_keys=nn.functional.pad(token_keys, (0, 2), value=True),
             patch_keys=with_slot(grouped.reshape(-1, section_size)),
             section_keys=with_slot(sections),
         )
+
+
+def roll_rows(states: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate every row of `states` [B, N, ...] left by its own `shifts[b]` positions (negative: right)."""
+    batch_size, length = states.shape[:2]
+    index = (torch.arange(length, device=states.device) + shifts[:, None]) % length  # [B, N]
+    index = index.view(batch_size, length, *([1] * (states.dim() - 2))).expand_as(states)
+    return states.gather(1, index)
 
 
 class HierarchicalEmbeddings(nn.Module):
@@ -184,14 +210,32 @@ class HierarchicalBlock(nn.Module):
         attention_mask: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_attentions: bool = False,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [G, L, H]; context [G, C, H] (optional): extra keys/values read but not updated, appended
+        after the L keys (`attention_mask` then covers `L + C` keys)."""
         query, key, value = self.attention.project(hidden_states)  # each [G, h, L, d]
         if rotary is not None:
             query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        if context is not None:
+            context_key, context_value = self._project_context(context, key.shape[0])
+            key = torch.cat([key, context_key], dim=2)  # [G, h, L + C, d]
+            value = torch.cat([value, context_value], dim=2)
         attended, weights = self.attention.attend(query, key, value, attention_mask, output_attentions)
         hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
         hidden_states = self.output_norm(hidden_states + self.dropout(self.feed_forward(hidden_states)))
         return hidden_states, weights
+
+
+    def _project_context(self, context: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [G', C, H], shared by `n_groups // G'` consecutive groups -> key, value [G, h, C, d]."""
+        repeat = n_groups // context.shape[0]
+
+        def projected(linear: nn.Linear) -> torch.Tensor:
+            states = self.attention.split_heads(linear(context))  # [G', h, C, d]
+            return states.unsqueeze(1).expand(-1, repeat, -1, -1, -1).reshape(n_groups, *states.shape[1:])
+
+        return projected(self.attention.k_proj), projected(self.attention.v_proj)
 
 
 class HierarchicalLayer(GradientCheckpointingLayer):
@@ -202,10 +246,16 @@ class HierarchicalLayer(GradientCheckpointingLayer):
         levels = config.levels(layer_idx)
         pooling = config.summary_type == "attention_pooling"
         self.token_level = HierarchicalBlock(config)
+        top_down = config.top_down == "summary_keys"
+        # top-down: once a level above the tokens has run, the tokens read the current section and document summaries
+        self.reads_summaries = top_down and any(config.levels(index) != ("token",) for index in range(layer_idx))
         self.patch_level = HierarchicalBlock(config) if "patch" in levels else None
         self.section_level = HierarchicalBlock(config) if "section" in levels else None
         self.patch_pooling = AttentionPooling(config.hidden_size) if pooling and "patch" in levels else None
         self.section_pooling = AttentionPooling(config.hidden_size) if pooling and "section" in levels else None
+        # with the top-down path the document summary is pooled from the sections too, so it carries every section
+        pool_document = pooling and top_down and "section" in levels
+        self.document_pooling = AttentionPooling(config.hidden_size) if pool_document else None
 
     def forward(
         self,
@@ -224,8 +274,13 @@ class HierarchicalLayer(GradientCheckpointingLayer):
         section_size = n_patches // n_sections
         extras: dict[str, torch.Tensor] = {}
 
+        context, token_keys = None, masks.token_keys
+        if self.reads_summaries:
+            # [B * n_sections, 2, H]: each section's summary and the document summary, shared by the section's patches
+            context = torch.stack([sections, document.unsqueeze(1).expand_as(sections)], dim=2).flatten(0, 1)
+            token_keys = masks.token_context_keys
         states, weights = self.token_level(
-            tokens.reshape(batch_size * n_patches, patch_len, hidden), masks.token_keys, None, output_attentions
+            tokens.reshape(batch_size * n_patches, patch_len, hidden), token_keys, None, output_attentions, context
         )
         tokens = states.view(batch_size, n_patches, patch_len, hidden)
         if output_attentions:
@@ -255,6 +310,10 @@ class HierarchicalLayer(GradientCheckpointingLayer):
                 sections, pooling = self.section_pooling(patches, masks.patches.view(batch_size, n_sections, -1))
                 if output_attentions:
                     extras["section_pooling_weights"] = pooling  # [B, n_sections, Q]
+            if self.document_pooling is not None:
+                document, pooling = self.document_pooling(sections, masks.sections)  # [B, H], [B, n_sections]
+                if output_attentions:
+                    extras["document_pooling_weights"] = pooling
             units = torch.cat([document.unsqueeze(1), sections], dim=1)  # [B, 1 + n_sections, H]
             states, weights = self.section_level(units, masks.section_keys, section_rotary, output_attentions)
             document, sections = states[:, 0], states[:, 1:]
@@ -352,7 +411,8 @@ class HierarchicalModel(HierarchicalPreTrainedModel):
     ) -> HierarchicalModelOutput:
         r"""
         input_ids (`[batch, seq_len]`): token ids, any `seq_len >= 1`.
-        attention_mask (`[batch, seq_len]`, *optional*): 1 for tokens, 0 for padding (never attended to).
+        attention_mask (`[batch, seq_len]`, *optional*): 1 for tokens, 0 for padding (never attended to). Left and
+            right padding give the same results: a row's blocks start at its first real token.
         token_type_ids (`[batch, seq_len]`, *optional*): BERT segment ids (default 0).
         inputs_embeds (`[batch, seq_len, hidden_size]`, *optional*): word embeddings to use instead of `input_ids`.
         output_attentions / output_hidden_states: return the per-level attentions / the token states of every layer.
@@ -363,6 +423,15 @@ class HierarchicalModel(HierarchicalPreTrainedModel):
         batch_size, seq_len = self._check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         patch_size, section_size = config.patch_size, config.section_size
+
+        # left padding: the blocks start at the first real token of each row, so the padding side changes nothing
+        shifts = None
+        if attention_mask is not None and not attention_mask[:, 0].all():
+            shifts = attention_mask.bool().int().argmax(-1)  # [B]: leading padding of each row (0 if all padding)
+            attention_mask = roll_rows(attention_mask, shifts)
+            input_ids = None if input_ids is None else roll_rows(input_ids, shifts)
+            inputs_embeds = None if inputs_embeds is None else roll_rows(inputs_embeds, shifts)
+            token_type_ids = None if token_type_ids is None else roll_rows(token_type_ids, shifts)
 
         # flat [B, N] -> blocks [B, n_patches, P], padded to whole sections
         block = patch_size * section_size
@@ -394,7 +463,8 @@ class HierarchicalModel(HierarchicalPreTrainedModel):
             section_rotary = self.section_rotary(torch.arange(n_sections + 1, device=device), dtype)
 
         def token_states(states: torch.Tensor) -> torch.Tensor:
-            return states[:, :, 1:].reshape(batch_size, n_patches * patch_size, hidden)[:, :seq_len]
+            flat = states[:, :, 1:].reshape(batch_size, n_patches * patch_size, hidden)[:, :seq_len]
+            return flat if shifts is None else roll_rows(flat, -shifts)  # back to the caller's positions
 
         all_hidden_states = [token_states(tokens)] if output_hidden_states else None
         collected: dict[str, list[torch.Tensor]] = {}
@@ -430,6 +500,7 @@ class HierarchicalModel(HierarchicalPreTrainedModel):
             section_attentions=gathered("section_attentions"),
             patch_pooling_weights=gathered("patch_pooling_weights"),
             section_pooling_weights=gathered("section_pooling_weights"),
+            document_pooling_weights=gathered("document_pooling_weights"),
         )
 
 
@@ -493,7 +564,12 @@ class HierarchicalForSequenceClassification(HierarchicalPreTrainedModel):
         labels (`[batch]` long for single-label, `[batch, num_labels]` float for multi-label/regression, *optional*).
         """
         outputs = self.model(
-            input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions, output_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         logits = self.classifier(self.dropout(self.pooler(outputs.document_summary)))  # [B, num_labels]
@@ -537,7 +613,12 @@ class HierarchicalForMaskedLM(HierarchicalPreTrainedModel):
         loss_kwargs: `num_items_in_batch` (from `Trainer`) for exact gradient accumulation.
         """
         outputs = self.model(
-            input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions, output_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # [B, N, vocab_size]
@@ -575,7 +656,12 @@ class HierarchicalForTokenClassification(HierarchicalPreTrainedModel):
         loss_kwargs: `num_items_in_batch` (from `Trainer`) for exact gradient accumulation.
         """
         outputs = self.model(
-            input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions, output_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # [B, N, num_labels]

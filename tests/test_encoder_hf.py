@@ -82,7 +82,8 @@ def test_save_and_load_with_safetensors_only_and_remote_code(tmp_path):
     input_ids = torch.randint(1, 120, (2, 37))
     expected = model(input_ids).logits
     loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    torch.testing.assert_close(loaded(input_ids).logits, expected, atol=0, rtol=0)
+    # same weights; the loaded tensors sit at other addresses, which can change CPU kernel blocking in the last bit
+    torch.testing.assert_close(loaded(input_ids).logits, expected, atol=1e-6, rtol=0)
 
     # the same folder as a Hub repo in a local cache, read offline by repo id
     cache = tmp_path / "hub"

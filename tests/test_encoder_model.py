@@ -41,6 +41,7 @@ def tiny_model(cls=HierarchicalModel, **overrides):
 
 
 SUMMARY_TYPES = ["slot", "attention_pooling"]
+TOP_DOWN = ["summary_keys", "none"]
 
 
 # --- configuration ---------------------------------------------------------------------------------------------
@@ -69,6 +70,7 @@ SUMMARY_TYPES = ["slot", "attention_pooling"]
         ("hierarchy_layout", ["token", "patch", "token"]),  # every layer needs "token"
         ("hierarchy_layout", ["token", "token+section+patch", "token"]),  # canonical order only
         ("summary_type", "mean"),
+        ("top_down", "broadcast"),
         ("section_position_type", "absolute"),
         ("section_rope_theta", 0.0),
         ("attention_bias", "yes"),
@@ -127,9 +129,10 @@ def test_any_length_in_same_length_out(seq_len):
     assert torch.isfinite(outputs.last_hidden_state).all()
 
 
+@pytest.mark.parametrize("top_down", TOP_DOWN)
 @pytest.mark.parametrize("summary_type", SUMMARY_TYPES)
-def test_document_padded_in_a_batch_equals_document_alone(summary_type):
-    model = tiny_model(summary_type=summary_type)
+def test_document_padded_in_a_batch_equals_document_alone(summary_type, top_down):
+    model = tiny_model(summary_type=summary_type, top_down=top_down)
     short, long = torch.randint(1, 50, (1, 11)), torch.randint(1, 50, (1, 29))
     padded = torch.cat([short, torch.randint(1, 50, (1, 18))], dim=1)  # garbage ids under mask 0
     batch = torch.cat([padded, long])
@@ -145,10 +148,11 @@ def test_document_padded_in_a_batch_equals_document_alone(summary_type):
     assert not together.section_summaries[0, alone.section_summaries.shape[1]:].any()
 
 
+@pytest.mark.parametrize("top_down", TOP_DOWN)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("summary_type", SUMMARY_TYPES)
-def test_all_padding_units_and_rows_give_no_nan(dtype, summary_type):
-    model = tiny_model(summary_type=summary_type).to(dtype).train()
+def test_all_padding_units_and_rows_give_no_nan(dtype, summary_type, top_down):
+    model = tiny_model(summary_type=summary_type, top_down=top_down).to(dtype).train()
     input_ids = torch.randint(1, 50, (3, 24))
     mask = torch.ones_like(input_ids)
     mask[0, 8:16] = 0  # all-padding patches and an all-padding section in the middle of a document
@@ -164,9 +168,10 @@ def test_all_padding_units_and_rows_give_no_nan(dtype, summary_type):
     assert outputs.section_mask.tolist() == [[True, False, True], [False, False, False], [True, False, False]]
 
 
-def test_eager_equals_sdpa_outputs_and_gradients():
+@pytest.mark.parametrize("top_down", TOP_DOWN)
+def test_eager_equals_sdpa_outputs_and_gradients(top_down):
     torch.manual_seed(0)
-    sdpa = tiny_model(hierarchy_layout=["token+patch+section", "token+section", "token+patch"])
+    sdpa = tiny_model(hierarchy_layout=["token+patch+section", "token+section", "token+patch"], top_down=top_down)
     eager = copy.deepcopy(sdpa)
     sdpa.set_attn_implementation("sdpa")
     eager.set_attn_implementation("eager")
@@ -186,8 +191,9 @@ def test_eager_equals_sdpa_outputs_and_gradients():
         torch.testing.assert_close(grad, grads_eager[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = tiny_model(HierarchicalForSequenceClassification).train()
+@pytest.mark.parametrize("top_down", TOP_DOWN)
+def test_gradient_checkpointing_gives_the_same_gradients(top_down):
+    model = tiny_model(HierarchicalForSequenceClassification, top_down=top_down).train()
     checkpointed = copy.deepcopy(model)
     checkpointed.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
@@ -212,20 +218,23 @@ def test_attentions_per_level_have_documented_shapes_and_rows_sum_to_one(summary
     heads, n_patches, n_sections = 4, 6, 3
     assert len(outputs.token_attentions) == 3
     assert len(outputs.patch_attentions) == 2 and len(outputs.section_attentions) == 1
-    for weights in outputs.token_attentions:
-        assert weights.shape == (2, n_patches, heads, 1 + PATCH, 1 + PATCH)
+    # the last layer reads the section and document summaries too (top-down): two more keys after the tokens
+    for weights, keys in zip(outputs.token_attentions, (1 + PATCH, 1 + PATCH, 1 + PATCH + 2)):
+        assert weights.shape == (2, n_patches, heads, 1 + PATCH, keys)
     for weights in outputs.patch_attentions:
         assert weights.shape == (2, n_sections, heads, 1 + SECTION, 1 + SECTION)
     assert outputs.section_attentions[0].shape == (2, heads, 1 + n_sections, 1 + n_sections)
     for weights in outputs.token_attentions + outputs.patch_attentions + outputs.section_attentions:
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
     # padding keys get no weight: row 1 has tokens 0..5 valid, so patch 1 (tokens 4..7) attends to slot + 2 tokens
-    assert outputs.token_attentions[-1][1, 1, :, :, 3:].abs().max() == 0
+    assert outputs.token_attentions[-1][1, 1, :, :, 3 : 1 + PATCH].abs().max() == 0
+    assert outputs.token_attentions[-1][1, 1, :, :, 1 + PATCH :].min() > 0
     assert outputs.section_attentions[0][1, :, :, 2:].abs().max() == 0  # sections 1, 2 of row 1 are padding
     if summary_type == "slot":
         assert outputs.patch_pooling_weights is None and outputs.section_pooling_weights is None
     else:
         assert len(outputs.patch_pooling_weights) == 2 and len(outputs.section_pooling_weights) == 1
+        torch.testing.assert_close(outputs.document_pooling_weights[0][0].sum(), torch.tensor(1.0))
         patch_pool, section_pool = outputs.patch_pooling_weights[-1], outputs.section_pooling_weights[0]
         assert patch_pool.shape == (2, n_patches, PATCH) and section_pool.shape == (2, n_sections, SECTION)
         torch.testing.assert_close(patch_pool[0, :5].sum(-1), torch.ones(5))  # row 0: 19 tokens, patch 5 empty
@@ -334,15 +343,17 @@ def test_masked_lm_is_tied_and_stays_tied_after_save_and_load(tmp_path):
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
 
 
-@pytest.mark.parametrize("summary_type, initializer_range", [("slot", 0.2), ("attention_pooling", 0.02)])
-def test_classifier_learns_a_long_range_task(summary_type, initializer_range):
+# the slot case is seed-sensitive (main, top_down="none": seeds 1 and 2 stay at chance); it keeps its seed-0 setting
+@pytest.mark.parametrize("summary_type, initializer_range, top_down",
+                         [("slot", 0.2, "none"), ("attention_pooling", 0.02, "summary_keys")])
+def test_classifier_learns_a_long_range_task(summary_type, initializer_range, top_down):
     """Label = whether a marker token occurs anywhere in a 64-token document (8 sections of 8 tokens).
 
     In a 32-wide model every attention hop at BERT's init (std 0.02) shrinks a signal ~100x, so slot summaries (three
     hops from a token to the document) start almost blind; a larger init stands in for the width of a real model.
     """
     torch.manual_seed(0)
-    config = tiny_config(num_labels=2, summary_type=summary_type, initializer_range=initializer_range)
+    config = tiny_config(num_labels=2, summary_type=summary_type, initializer_range=initializer_range, top_down=top_down)
     model = HierarchicalForSequenceClassification(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     marker = 1
