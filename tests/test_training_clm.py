@@ -13,7 +13,8 @@ from training import pretrain_clm
 from training.common import RunConfig, parse_run_args
 from training.generate import generate
 
-CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json"}
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "trainer_state.json",
+                    "stream_memory_rank0.safetensors"}  # the stream trainer's carried memory
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from training import pretrain_clm
 from training.common import load_tokenizer, parse_run_args
 
 TINY_SIZES = {key: value for key, value in TINY_CLM_RUN.items()
-              if key in {f"model.{name}" for name in pretrain_clm.GPT2_FIELDS}}
+              if key in {f"model.{name}" for name in pretrain_clm.BASELINE_FIELDS["gpt2"]}}
 TINY_GPT2_RUN = {**{key: value for key, value in TINY_CLM_RUN.items() if not key.startswith("model.")},
                  **TINY_SIZES, "model_type": "gpt2", "segment_length": TINY_CLM_RUN["block_size"]}
 

@@ -1,19 +1,23 @@
 """Causal-LM pretraining of HierarchicalXLForCausalLM with Accelerate, Transformer-XL style.
 
-The corpus is tokenised (byte level by default), documents joined with EOS and cut into blocks of `block_size` tokens.
-Each block is processed as consecutive segments of `segment_length` tokens with the segment memory (the model's
-cache: local window + patch/section summaries) carried from one segment to the next and detached (truncated BPTT,
-`hier_transformers.recurrence.segment_lm_step`). Evaluation reports bits per byte for byte-level tokenizers.
+Documents are tokenised (byte level by default) as ``[BOS] + tokens + [EOS]``. With ``stream: true`` (the default for
+HierarchicalXL) every batch row follows one long stream of documents (`training/streams.py`): each optimizer step
+reads the next ``block_size`` tokens of every row as segments of ``segment_length``, and the segment memory (the
+model's cache: local window + patch/section summaries) is carried, detached, from segment to segment and from step to
+step (truncated BPTT); a row's memory is reset where its next document begins; `--resume` restores the streams and
+their memories exactly. With ``stream: false`` (the default of the baselines) each row is an independent block whose
+memory starts empty.
 
-`model_type: gpt2` (or `llama`) trains a full-attention `transformers.GPT2LMHeadModel` (`LlamaForCausalLM`) baseline through the same loop (same data
-order, optimizer, schedule, steps, batch and held-out blocks): it has no memory and reads each block of `block_size`
-tokens in one call (`n_positions = segment_length = block_size`); `model` then holds only the size fields
-(`hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`, `hidden_act`), dropout is 0 as in
-the XL model. Both are evaluated on the same validation blocks, each block's first token given, every later one
-predicted from everything before it in the block.
+``model_type: llama`` / ``mistral`` / ``gpt2`` trains a same-size `transformers` baseline through the same loop (same
+data, optimizer, schedule; blocks of ``block_size`` tokens read in one call, the context of a full-attention model):
+Llama (RoPE, full attention), Mistral (RoPE, sliding window ``model.sliding_window``) and GPT-2 (learned absolute
+positions). ``model`` then holds only the size fields (and Mistral's ``sliding_window``).
+
+The periodic evaluation reports bits per byte on validation blocks. At the end, a byte-level run scores the whole
+validation split document by document with the memory carried from each document's first byte (`training/lm_eval.py`),
+next to ``bzip2 -9`` and ``xz -9e`` on the same bytes (``final_eval`` in `run_summary.json` and the model card).
 
     python training/pretrain_clm.py --config training/configs/xl_news_small.yaml
-    python training/pretrain_clm.py --config training/configs/gpt2_news_small.yaml   # the same-size GPT-2 baseline
     python training/pretrain_clm.py --config training/configs/llama_news_small.yaml  # the same-size Llama baseline
     python training/generate.py runs/xl_news_small/final --prompt "The government said"
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
@@ -26,6 +30,7 @@ Any run-config field can be overridden (``--max_steps 50``, ``--model.hidden_siz
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -34,31 +39,36 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `training` and `hier_transformers` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hier_transformers.recurrence import segment_lm_step  # noqa: E402
-from training.common import RunConfig, byte_level, parse_run_args, train  # noqa: E402
+from training.common import RunConfig, byte_level, load_corpus, parse_run_args, train  # noqa: E402
+from training.streams import IGNORE_INDEX, StreamDataset  # noqa: E402
 
-# Full-attention baselines from transformers, trained through the same loop: run-config `model` field -> their
-# config field (no hierarchy fields apply to them). GPT-2 has learned absolute positions, Llama RoPE.
+# Baselines from transformers, trained through the same loop: run-config `model` field -> their config field (no
+# hierarchy fields apply to them). GPT-2 has learned absolute positions; Llama and Mistral RoPE.
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
 BASELINE_FIELDS = {
     "gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
              "intermediate_size": "n_inner", "hidden_act": "activation_function"},
-    "llama": {name: name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                                      "hidden_act")},
+    "llama": {name: name for name in SIZE_FIELDS},
+    "mistral": {name: name for name in (*SIZE_FIELDS, "sliding_window")},
 }
-GPT2_FIELDS = BASELINE_FIELDS["gpt2"]
 MODEL_TYPES = ("hierarchical_xl", *BASELINE_FIELDS)
+MEMORY_FILE = "stream_memory_rank{rank}.safetensors"
 
 
 @dataclasses.dataclass
 class CLMRunConfig(RunConfig):
     tokenizer: str = "byte"
     model_name: str = "hier-xl"
-    model_type: str = "hierarchical_xl"  # or "gpt2" / "llama": same-size full-attention baselines, a block per call
-    block_size: int = 1024  # tokens per training row (the memory is reset between rows)
+    model_type: str = "hierarchical_xl"  # or "llama" / "mistral" / "gpt2": same-size baselines, a block per call
+    block_size: int = 1024  # tokens per batch row per optimizer step
     segment_length: int = 256  # tokens per forward/backward; the memory is carried (detached) across segments
+    stream: bool | None = None  # rows follow document streams across steps, memory carried; None: True for XL only
+    final_eval: bool = True  # score the whole validation split document by document at the end (byte level)
 
     def validate(self) -> None:
         super().validate()
+        if self.stream is None:
+            self.stream = self.model_type == "hierarchical_xl"
         for name in ("block_size", "segment_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
                 raise ValueError(f"{name} must be an integer >= 2, got {getattr(self, name)!r}")
@@ -66,14 +76,21 @@ class CLMRunConfig(RunConfig):
             raise ValueError(f"segment_length ({self.segment_length}) must be <= block_size ({self.block_size})")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.stream and self.block_size % self.segment_length:
+            raise ValueError(f"stream: true needs block_size ({self.block_size}) to be a multiple of segment_length "
+                             f"({self.segment_length})")
         if self.model_type in BASELINE_FIELDS:
+            if self.stream:
+                raise ValueError(f"model_type={self.model_type!r} has no segment memory to carry: set stream: false")
             if self.segment_length != self.block_size:
-                raise ValueError(f"model_type={self.model_type!r} has no memory and reads a whole block per call: "
-                                 f"segment_length ({self.segment_length}) must equal block_size ({self.block_size})")
+                raise ValueError(f"model_type={self.model_type!r} reads a whole block per call: segment_length "
+                                 f"({self.segment_length}) must equal block_size ({self.block_size})")
             unknown = sorted(set(self.model) - set(BASELINE_FIELDS[self.model_type]))
             if unknown:
                 raise ValueError(f"model fields {unknown} do not apply to model_type={self.model_type!r}; its fields "
                                  f"are {sorted(BASELINE_FIELDS[self.model_type])}")
+            if self.model_type == "mistral" and not isinstance(self.model.get("sliding_window"), int):
+                raise ValueError("model_type='mistral' needs model.sliding_window (an integer number of tokens)")
 
 
 def group_into_blocks(batch: dict[str, list[list[int]]], block_size: int) -> dict[str, list[list[int]]]:
@@ -83,11 +100,34 @@ def group_into_blocks(batch: dict[str, list[list[int]]], block_size: int) -> dic
     return {"input_ids": [stream[start:start + block_size] for start in range(0, usable, block_size)]}
 
 
-def empty_memory(model):
-    """A fresh segment memory for a (possibly DDP-wrapped) HierarchicalXL model."""
-    from hier_transformers import HierarchicalXLCache
+def build_baseline(config: CLMRunConfig, vocab_size: int, special: dict[str, int]):
+    """A same-size transformers model (GPT-2, Llama or Mistral) with the XL model's defaults for unset size fields."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
 
-    return HierarchicalXLCache(getattr(model, "module", model).config)
+    from hier_transformers import HierarchicalXLConfig
+
+    defaults = HierarchicalXLConfig()
+    fields = BASELINE_FIELDS[config.model_type]
+    sizes = {fields[name]: config.model.get(name, getattr(defaults, name, None)) for name in fields}
+    if config.model_type == "gpt2":
+        model_config = GPT2Config(vocab_size=vocab_size, n_positions=config.block_size, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, **sizes, **special)
+        model_class = GPT2LMHeadModel
+    else:
+        config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                     "mistral": (MistralConfig, MistralForCausalLM)}[config.model_type]
+        model_config = config_class(vocab_size=vocab_size, max_position_embeddings=config.block_size,
+                                    num_key_value_heads=sizes["num_attention_heads"],
+                                    tie_word_embeddings=defaults.tie_word_embeddings, **sizes, **special)
+    model_config._attn_implementation = "sdpa"
+    return model_class(model_config)
+
+
+def sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy; `labels` are already the targets of each position (-100 = none)."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class CausalLM:
@@ -96,40 +136,30 @@ class CausalLM:
 
     def __init__(self, config: CLMRunConfig):
         self.config = config
+        self.shuffle_train = not config.stream  # streams come in the order their steps must be read
+        self.memory = None  # the stream trainer's carried cache (one row per batch row of this process)
 
     def build_model(self, config: CLMRunConfig, tokenizer):
         from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
 
         special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
         if config.model_type in BASELINE_FIELDS:
-            from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-            defaults = HierarchicalXLConfig()  # unset size fields default as the XL model's do
-            fields = BASELINE_FIELDS[config.model_type]
-            sizes = {fields[name]: config.model.get(name, getattr(defaults, name)) for name in fields}
-            if config.model_type == "gpt2":
-                model_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.block_size, resid_pdrop=0.0,
-                                          embd_pdrop=0.0, attn_pdrop=0.0, **sizes, **special)
-                model_class = GPT2LMHeadModel
-            else:
-                model_config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=config.block_size,
-                                           num_key_value_heads=sizes["num_attention_heads"],
-                                           tie_word_embeddings=defaults.tie_word_embeddings, **sizes, **special)
-                model_class = LlamaForCausalLM
-            model_config._attn_implementation = "sdpa"
-            return model_class(model_config)
-        model_config = HierarchicalXLConfig(vocab_size=len(tokenizer), **special, **config.model)
-        return HierarchicalXLForCausalLM(model_config)
+            return build_baseline(config, len(tokenizer), special)
+        return HierarchicalXLForCausalLM(HierarchicalXLConfig(vocab_size=len(tokenizer), **special, **config.model))
 
     def build_datasets(self, config: CLMRunConfig, tokenizer, corpus):
-        eos = tokenizer.eos_token_id
+        from accelerate import PartialState
+
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if eos is None:
             raise ValueError(f"tokenizer={config.tokenizer!r} has no EOS token to separate documents")
         self.count_bytes = byte_level(tokenizer)
         self.first_byte_id = len(tokenizer.all_special_ids) if self.count_bytes else 0
+        prefix = [bos] if bos is not None else []
 
         def tokenize(texts: list[str]) -> dict[str, list[list[int]]]:
-            return {"input_ids": [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]}
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return {"input_ids": [prefix + row + [eos] for row in ids]}
 
         tokenized = corpus.map(tokenize, batched=True, input_columns="text", remove_columns=["text"], desc="tokenize")
         blocks = tokenized.map(group_into_blocks, batched=True, batch_size=1000,
@@ -137,27 +167,59 @@ class CausalLM:
         for split, part in blocks.items():
             if len(part) == 0:
                 raise ValueError(f"the {split} split is shorter than one block of block_size={config.block_size} tokens")
-        blocks = blocks.with_format("torch")
-        return blocks["train"], blocks["validation"], None
+        eval_set = blocks["validation"].with_format("torch")
+        if not config.stream:
+            return blocks["train"].with_format("torch"), eval_set, None
+        train_set = StreamDataset(tokenized["train"]["input_ids"], rows=config.per_device_batch_size,
+                                  num_processes=PartialState().num_processes, block_size=config.block_size,
+                                  segment_length=config.segment_length, pad_token_id=tokenizer.pad_token_id,
+                                  seed=config.seed)
+        return train_set, eval_set, None
 
+    # ---- the loss of one micro-batch --------------------------------------------------------------------------------
     def block_loss(self, model, input_ids: torch.Tensor, backward=None) -> tuple[torch.Tensor, int]:
-        """(summed next-token loss over a [batch, block_size] block, number of predictions); `backward` gets the
-        mean. XL: segment by segment with the detached memory carried; baselines: the whole block in one call."""
+        """A [batch, block_size] block on its own (memory empty at its start): summed loss, number of predictions."""
+        labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], IGNORE_INDEX)], dim=1)
         if self.config.model_type in BASELINE_FIELDS:
-            logits = model(input_ids=input_ids).logits[:, :-1]  # [B, block_size - 1, vocab]
-            targets = input_ids[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     targets.reshape(-1), reduction="sum")
+            loss = sum_loss(model(input_ids=input_ids).logits, labels)
+            count = int((labels != IGNORE_INDEX).sum())
             if backward is not None:
-                backward(loss / targets.numel())
-            return loss.detach(), targets.numel()
-        loss_sum, n_tokens, _ = segment_lm_step(model, input_ids, self.config.segment_length,
-                                                cache=empty_memory(model), backward=backward)
-        return loss_sum, n_tokens
+                backward(loss / count)
+            return loss.detach(), count
+        return self.segments_loss(model, input_ids, labels, None, torch.ones_like(input_ids), None, backward)[:2]
+
+    def segments_loss(self, model, input_ids, labels, resets, attention_mask, cache, backward=None):
+        """Segment by segment with the detached cache carried; `resets` [batch, segments] resets rows' memories first.
+        `backward` gets each segment's share of the micro-batch's MEAN loss. -> (loss sum, predictions, cache)."""
+        from hier_transformers import HierarchicalXLCache
+
+        count = int((labels != IGNORE_INDEX).sum())
+        if cache is None:
+            cache = HierarchicalXLCache(getattr(model, "module", model).config)  # DDP-wrapped models too
+        total = torch.zeros((), device=input_ids.device)
+        length = self.config.segment_length
+        for index, start in enumerate(range(0, input_ids.shape[1], length)):
+            if resets is not None and cache.seen is not None and bool(resets[:, index].any()):
+                cache.reset_rows(resets[:, index])
+            columns = slice(start, start + length)
+            logits = model(input_ids=input_ids[:, columns], attention_mask=attention_mask[:, columns], cache=cache,
+                           use_cache=True).logits
+            loss = sum_loss(logits, labels[:, columns])
+            if backward is not None and loss.requires_grad:
+                backward(loss / max(count, 1))
+            total = total + loss.detach()
+            cache = cache.detached()
+        return total, count, cache
 
     def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
-        loss_sum, n_tokens = self.block_loss(model, batch["input_ids"], backward)
-        return float(loss_sum), int(n_tokens)
+        if not self.config.stream:
+            loss_sum, n_tokens = self.block_loss(model, batch["input_ids"], backward)
+            return float(loss_sum), int(n_tokens)
+        loss_sum, n_tokens, self.memory = self.segments_loss(model, batch["input_ids"], batch["labels"],
+                                                             batch["resets"], batch["attention_mask"],
+                                                             self.carried_memory(model),
+                                                             backward)
+        return float(loss_sum), n_tokens
 
     def eval_step(self, model, batch: dict, seed: int):
         input_ids = batch["input_ids"]
@@ -166,10 +228,74 @@ class CausalLM:
         num_bytes = (targets >= self.first_byte_id).sum() if self.count_bytes else torch.zeros((), dtype=torch.long)
         return torch.as_tensor(loss_sum, device=input_ids.device), torch.as_tensor(n_tokens, device=input_ids.device), num_bytes
 
+    # ---- the stream memory in checkpoints (exact resume) -------------------------------------------------------------
+    def save_state(self, checkpoint: Path, accelerator) -> None:
+        if self.config.stream and self.memory is not None:
+            from safetensors.torch import save_file
+
+            tensors = {name: tensor.contiguous().cpu() for name, tensor in self.memory.state_dict().items()}
+            save_file(tensors, str(Path(checkpoint) / MEMORY_FILE.format(rank=accelerator.process_index)))
+
+    def load_state(self, checkpoint: Path, accelerator) -> None:
+        if not self.config.stream:
+            return
+        path = Path(checkpoint) / MEMORY_FILE.format(rank=accelerator.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: {path} is missing: this checkpoint does not hold the stream memories "
+                                    "of a stream: true run (was it written with stream: false?)")
+        from safetensors.torch import load_file
+
+        self.saved_memory = {name: tensor.to(accelerator.device) for name, tensor in load_file(path).items()}
+
+    def carried_memory(self, model):
+        """The cache carried from the previous step (restored from a checkpoint on the first step after --resume)."""
+        if self.memory is None and getattr(self, "saved_memory", None) is not None:
+            from hier_transformers import HierarchicalXLCache
+
+            self.memory = HierarchicalXLCache(getattr(model, "module", model).config)
+            self.memory.load_state_dict(self.saved_memory)
+            self.saved_memory = None
+        return self.memory
+
+
+def final_evaluation(config: CLMRunConfig, folder: Path) -> dict | None:
+    """Whole validation documents, memory carried from each one's first byte, beside bzip2 -9 / xz -9e."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.lm_eval import compressor_bits_per_byte, encode_documents, score_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    if not byte_level(tokenizer):
+        return None
+    corpus, _ = load_corpus(config)
+    texts = list(corpus["validation"]["text"])
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    kind = {"hierarchical_xl": "hierarchical_xl", "mistral": "sliding"}.get(config.model_type, "full")
+    scores = score_documents(model, encode_documents(tokenizer, texts), kind, segment_length=config.segment_length,
+                             context=config.block_size)
+    return {"bits_per_byte": scores.bits_per_byte(), "by_position": scores.by_position(),
+            "documents": len(texts), "bytes": sum(len(text.encode()) for text in texts),
+            **compressor_bits_per_byte(texts)}
+
 
 def main(argv: list[str] | None = None) -> dict:
     config, resume = parse_run_args(CLMRunConfig, argv)
-    return train(config, CausalLM(config), resume=resume)
+    summary = train(config, CausalLM(config), resume=resume)
+    from accelerate import PartialState
+
+    if config.final_eval and PartialState().is_main_process and summary is not None:
+        folder = Path(config.output_dir) / "final"
+        final = final_evaluation(config, folder)
+        if final is not None:
+            from model_cards.generate_card import write_card
+
+            summary["final_eval"] = final
+            (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_card(folder, pipeline_tag=CausalLM.pipeline_tag)
+            print(f"held-out ({final['documents']} documents, {final['bytes']:,} bytes, memory carried): "
+                  f"{final['bits_per_byte']:.4f} bits per byte; bzip2 -9 {final['bzip2_-9']:.4f}, "
+                  f"xz -9e {final['xz_-9e']:.4f}")
+    return summary
 
 
 if __name__ == "__main__":
