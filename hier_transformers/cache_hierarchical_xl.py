@@ -3,8 +3,10 @@
 Each decoder layer owns one [`HierarchicalXLCacheLayer`]. It keeps, batch first (every row right-aligned on its own
 positions), the *cached slots* of three kinds of keys and values, `[batch, heads, cached_slots(config)[kind], head_dim]`:
 
-- `"tokens"`: the `local_window - 1` most recent tokens (keys rotated at their positions);
-- `"patches"`: the most recent completed patch summaries (`config.patch_memory`);
+- `"tokens"`: the `config.token_memory` most recent tokens (keys rotated at their positions): `local_window - 1`, or
+  `retrieval_window - 1` with retrieval on (a sliding buffer: each update keeps the newest slots);
+- `"patches"`: the most recent completed patch summaries (`config.summary_memory`: `patch_memory`, or with retrieval
+  on also every patch that can still be selected);
 - `"sections"` (only with sections): the most recent section summaries (`config.section_memory`);
 
 plus the online softmax state of the unfinished patch's attention pooling (`pool_max` / `pool_sum` [batch],
@@ -41,15 +43,19 @@ CACHE_LAYOUT_FIELDS = (
 
 def cached_slots(config: HierarchicalXLConfig) -> dict[str, int]:
     """Slots per kind of key (`"tokens"`, `"patches"`, `"sections"`) that one cache layer keeps."""
-    slots = {"tokens": config.local_window - 1, "patches": config.patch_memory}
+    slots = {"tokens": config.token_memory, "patches": config.summary_memory}
     if config.section_size is not None:
         slots["sections"] = config.section_memory
     return slots
 
 
 def cache_layout(config: HierarchicalXLConfig) -> dict[str, int | None]:
-    """The values of `CACHE_LAYOUT_FIELDS` in `config`."""
-    return {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
+    """The values of `CACHE_LAYOUT_FIELDS` in `config`, plus `retrieval_window` when retrieval is on (a cache
+    without retrieval has exactly the layout it always had)."""
+    layout = {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
+    if config.retrieval_top_k > 0:
+        layout["retrieval_window"] = config.retrieval_window
+    return layout
 
 
 def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -165,7 +171,12 @@ class HierarchicalXLCache(Cache):
     def check_layout(self, config: HierarchicalXLConfig) -> None:
         """Raise `ValueError` naming every field in which `config` differs from the config this cache was made for."""
         expected = cache_layout(config)
-        different = {name: (self.layout[name], value) for name, value in expected.items() if self.layout[name] != value}
+        names = list(expected) + [name for name in self.layout if name not in expected]
+        different = {
+            name: (self.layout.get(name), expected.get(name))
+            for name in names
+            if self.layout.get(name) != expected.get(name)
+        }
         if different:
             listed = ", ".join(f"{name}: cache {ours!r} vs model {theirs!r}" for name, (ours, theirs) in different.items())
             raise ValueError(
@@ -263,13 +274,15 @@ class HierarchicalXLCache(Cache):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a `state_dict()` (refused with a `ValueError` if it was written for another cache layout)."""
-        saved = {name: state.get(f"layout.{name}") for name in self.layout}
+        names = set(self.layout) | {name[len("layout.") :] for name in state if name.startswith("layout.")}
+        saved = {name: state.get(f"layout.{name}") for name in names}
         saved = {name: None if value is None or int(value) == -1 else int(value) for name, value in saved.items()}
-        if saved != self.layout:
-            different = [name for name in self.layout if saved[name] != self.layout[name]]
+        ours = {name: self.layout.get(name) for name in names}
+        if saved != ours:
+            different = sorted(name for name in names if saved[name] != ours[name])
             raise ValueError(
                 f"This cache state was saved for another cache layout (differs in {different}: saved "
-                f"{ {name: saved[name] for name in different} }, this cache { {name: self.layout[name] for name in different} })."
+                f"{ {name: saved[name] for name in different} }, this cache { {name: ours[name] for name in different} })."
             )
         self.columns = int(state["columns"])
         self.seen, self.closed = state.get("seen"), state.get("closed")

@@ -29,11 +29,20 @@ class HierarchicalXLConfig(PreTrainedConfig):
     3. if `section_size` is set: summaries of sections (the mean of `section_size` consecutive patch summaries),
        formed once all their patches are older than the `max_patch_summaries` most recent ones; the
        `max_section_summaries` most recent sections are visible. Anything older is dropped.
+    4. if `retrieval_top_k > 0` (coarse-to-fine retrieval, the selection branch of Native Sparse Attention): the
+       tokens, at full resolution, of the `retrieval_top_k` patches with the highest summary score among the
+       *selectable* ones: patch `j` is selectable for `t` iff `t - retrieval_window < j * patch_size <= t -
+       local_window` (it starts outside the window, so it is complete, and all its tokens are still within the
+       retrieval window). The score is the patch summary's attention logit `q_t . k_j`, averaged over the heads of
+       the layer (one set of patches per query, shared by its heads); ties go to the older patch. Its tokens
+       outside the window join the same softmax as the window and the summaries.
 
     Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
     [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by
     `local_window - 1` tokens, `max_patch_summaries (+ section_size - 1)` patch summaries and
-    `max_section_summaries` section summaries per layer.
+    `max_section_summaries` section summaries per layer; with retrieval on, by `retrieval_window - 1` tokens and
+    `max(patch_memory, ceil(retrieval_window / patch_size))` patch summaries instead (fixed by the config, not by the
+    length of the stream).
 
     Args:
         vocab_size: size of the token vocabulary (260 for [`ByteTokenizer`]).
@@ -45,6 +54,9 @@ class HierarchicalXLConfig(PreTrainedConfig):
         max_patch_summaries: number of most recent completed patches visible as summaries (>= 1).
         section_size: patches per section, or `None` for no sections (>= 2 when set).
         max_section_summaries: number of most recent section summaries visible (>= 1; ignored without sections).
+        retrieval_top_k: far patches each query reads at full resolution (0 = off: the model without retrieval).
+        retrieval_window: number of most recent positions whose tokens stay retrievable (the cache keeps their
+            keys/values); at least `local_window`. Only used when `retrieval_top_k > 0`.
         rope_theta: RoPE base (positions are global token positions, unbounded).
         rms_norm_eps: epsilon of the RMSNorms (pre-norm blocks).
         attention_dropout: dropout on attention weights (training only).
@@ -69,6 +81,8 @@ class HierarchicalXLConfig(PreTrainedConfig):
     max_patch_summaries: int = 32
     section_size: int | None = 8
     max_section_summaries: int = 32
+    retrieval_top_k: int = 0
+    retrieval_window: int = 16384
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
@@ -122,6 +136,15 @@ class HierarchicalXLConfig(PreTrainedConfig):
                     f"`max_section_summaries` must be an integer >= 1 when `section_size` is set, got "
                     f"{self.max_section_summaries!r}."
                 )
+        if not is_int(self.retrieval_top_k) or self.retrieval_top_k < 0:
+            raise ValueError(
+                f"`retrieval_top_k` must be an integer >= 0 (0 = retrieval off), got {self.retrieval_top_k!r}."
+            )
+        if not is_int(self.retrieval_window) or (self.retrieval_top_k > 0 and self.retrieval_window < self.local_window):
+            raise ValueError(
+                f"`retrieval_window` must be an integer >= `local_window` ({self.local_window}) when retrieval is on "
+                f"(`retrieval_top_k` > 0): the window's own tokens are never retrieved, got {self.retrieval_window!r}."
+            )
         check_positive_numbers(self, ("rope_theta", "rms_norm_eps", "initializer_range"))
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
@@ -144,6 +167,19 @@ class HierarchicalXLConfig(PreTrainedConfig):
     def patch_memory(self) -> int:
         """Patch summaries a cache keeps per layer: the visible ones plus those waiting to be folded."""
         return self.max_patch_summaries + (self.section_size - 1 if self.section_size is not None else 0)
+
+    @property
+    def token_memory(self) -> int:
+        """Tokens a cache keeps per layer: the window's, or the retrieval window's when retrieval is on."""
+        return (self.retrieval_window if self.retrieval_top_k > 0 else self.local_window) - 1
+
+    @property
+    def summary_memory(self) -> int:
+        """Patch summaries a cache keeps per layer: `patch_memory`, or with retrieval on also every patch that can
+        still be selected (`ceil(retrieval_window / patch_size)`)."""
+        if self.retrieval_top_k == 0:
+            return self.patch_memory
+        return max(self.patch_memory, -(-self.retrieval_window // self.patch_size))
 
 
 __all__ = ["HierarchicalXLConfig"]

@@ -5,6 +5,11 @@ to summaries (attention pooling) of completed earlier patches, and optionally to
 patches. The rule is a pure function of positions (`visible_ranges`), used by the one-call forward and by the cached
 (segment-by-segment or token-by-token) path alike, so all of them give the same logits.
 
+With `retrieval_top_k > 0` each query also reads, at full resolution, the tokens of the few far patches whose summary
+scores it highest (coarse-to-fine retrieval, the selection branch of Native Sparse Attention): the summaries say where
+to look, the tokens give the exact bytes back. Which patches may be chosen is again a function of positions only
+(`visible_ranges(...)["selectable"]`); which are chosen is a function of those plus the scores.
+
 The one-call forward is block-local: queries are processed in blocks, each block gathers only the keys it may see
 (a window of tokens plus a window of summaries), so the cost is O(N * (window + summaries)), never an N x N mask.
 """
@@ -47,7 +52,38 @@ def visible_ranges(
         folded = (done - config.max_patch_summaries).clamp_min(0) // config.section_size
         ranges["patches"] = (folded * config.section_size, done)
         ranges["sections"] = (folded - config.max_section_summaries, folded)
+    if config.retrieval_top_k > 0:  # patches starting outside the window whose tokens are all in the retrieval window
+        ranges["selectable"] = (
+            (positions - config.retrieval_window) // config.patch_size + 1,
+            (positions - config.local_window) // config.patch_size + 1,
+        )
     return ranges
+
+
+def block_slots(
+    lo: torch.Tensor, hi: torch.Tensor, base: torch.Tensor, total: int, end: torch.Tensor, block: int, padded: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys of one kind that each block of `block` queries needs. `lo`, `hi` [B, S]: the visible absolute
+    indices [lo, hi) of each query; slot `i` of the kind's extended sequence (`total` slots) holds index `base + i`
+    ([B]), indices `>= end` ([B]) do not exist. Returns the contiguous slots per block [num_blocks, width] (clamped
+    into range) and which query may see which of them [B, num_blocks, block, width], or None when no query sees any."""
+    batch, length = lo.shape
+    num_blocks = padded // block
+    if padded > length:
+        lo = nn.functional.pad(lo, (0, padded - length), mode="replicate")
+        hi = nn.functional.pad(hi, (0, padded - length), mode="replicate")
+    lo, hi = lo.view(batch, num_blocks, block, 1), hi.view(batch, num_blocks, block, 1)
+    first = (lo - base.view(-1, 1, 1, 1)).amin(dim=(0, 2, 3)).clamp(0, total)  # [num_blocks]
+    stop = (hi - base.view(-1, 1, 1, 1)).amax(dim=(0, 2, 3)).clamp(0, total)
+    width = int((stop - first).max()) if batch > 0 else 0
+    if width <= 0:
+        return None
+    slots = first[:, None] + torch.arange(width, device=lo.device)  # [num_blocks, width]
+    inside = slots < total
+    slots = slots.clamp_max(total - 1)
+    absolute = base.view(-1, 1, 1, 1) + slots.view(1, num_blocks, 1, width)  # [B, nb, 1, width]
+    exists = inside.view(1, num_blocks, 1, width) & (absolute >= 0) & (absolute < end.view(-1, 1, 1, 1))
+    return slots, exists & (absolute >= lo) & (absolute < hi)  # [nb, width], [B, nb, block, width]
 
 
 @dataclass
@@ -70,6 +106,11 @@ class AttentionPlan:
     patch_sin: torch.Tensor
     section_members: torch.Tensor | None  # [batch, new sections * section_size] extended patch slots per section
     pool_carry_slot: torch.Tensor  # [batch] new-patch slot of the unfinished patch after this chunk
+    # retrieval (None when `retrieval_top_k == 0`, or when no query of the chunk has a selectable patch)
+    select_slots: torch.Tensor | None = None  # [num_blocks, width] extended patch slots a block's queries choose from
+    select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
+    select_token_offset: torch.Tensor | None = None  # [batch]: patch slot p's first token is token slot p * P + offset
+    window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest token slot outside the query's window
 
 
 def build_plan(
@@ -109,24 +150,27 @@ def build_plan(
     index_parts, mask_parts, offset = [], [], 0
     for kind in new_slots:
         total = cached[kind] + new_slots[kind]
-        lo, hi = query_ranges[kind]
-        lo = nn.functional.pad(lo, (0, padded - length), mode="replicate") if padded > length else lo
-        hi = nn.functional.pad(hi, (0, padded - length), mode="replicate") if padded > length else hi
-        lo, hi = lo.view(batch, num_blocks, block, 1), hi.view(batch, num_blocks, block, 1)
-        first = (lo - base[kind].view(-1, 1, 1, 1)).amin(dim=(0, 2, 3)).clamp(0, total)  # [num_blocks]
-        stop = (hi - base[kind].view(-1, 1, 1, 1)).amax(dim=(0, 2, 3)).clamp(0, total)
-        width = int((stop - first).max()) if batch > 0 else 0
-        if width > 0:
-            slots = first[:, None] + torch.arange(width, device=device)  # [num_blocks, width]
-            inside = slots < total
-            slots = slots.clamp_max(total - 1)
-            absolute = base[kind].view(-1, 1, 1, 1) + slots.view(1, num_blocks, 1, width)  # [B, nb, 1, width]
-            exists = inside.view(1, num_blocks, 1, width) & (absolute >= 0) & (absolute < end[kind].view(-1, 1, 1, 1))
-            mask_parts.append(exists & (absolute >= lo) & (absolute < hi))  # [B, nb, block, width]
-            index_parts.append(slots + offset)
+        found = block_slots(*query_ranges[kind], base[kind], total, end[kind], block, padded)
+        if found is not None:
+            index_parts.append(found[0] + offset)
+            mask_parts.append(found[1])  # [B, nb, block, width]
         offset += total
     mask = torch.cat(mask_parts, dim=-1)
     mask[..., 0] |= ~mask.any(dim=-1)  # padding queries that see nothing look at one key (never NaN)
+
+    selection = {}
+    if config.retrieval_top_k > 0:
+        total = cached["patches"] + new_patches
+        found = block_slots(*query_ranges["selectable"], base["patches"], total, end["patches"], block, padded)
+        if found is not None:
+            padded_positions = nn.functional.pad(positions, (0, padded - length), mode="replicate")
+            window_last = padded_positions - config.local_window - base["tokens"][:, None]  # [B, nb * block]
+            selection = dict(
+                select_slots=found[0],
+                select_mask=found[1].view(batch * num_blocks, block, -1),
+                select_token_offset=base["patches"] * patch - base["tokens"],
+                window_last=window_last.view(batch * num_blocks, block),
+            )
 
     # without a cache nothing is carried: no allocation may depend on the (possibly huge) memory bounds
     carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(slots, device=device)
@@ -154,6 +198,7 @@ def build_plan(
         patch_sin=patch_sin,
         section_members=section_members,
         pool_carry_slot=end["patches"] - start["patches"],
+        **selection,
     )
 
 
@@ -232,15 +277,84 @@ class HierarchicalXLAttention(MultiHeadAttention):
 
         all_keys = torch.cat([extended[kind][0] for kind in plan.new_slots], dim=2)  # [B, h, T, d]
         all_values = torch.cat([extended[kind][1] for kind in plan.new_slots], dim=2)
-        output, _ = self.attend(
-            self.to_blocks(nn.functional.pad(query, (0, 0, 0, plan.num_blocks * plan.block - length)), plan),
-            self.to_blocks(all_keys.index_select(2, plan.index), plan),
-            self.to_blocks(all_values.index_select(2, plan.index), plan),
-            plan.mask,
-        )  # [B * nb, block, hidden]
+        query = self.to_blocks(nn.functional.pad(query, (0, 0, 0, plan.num_blocks * plan.block - length)), plan)
+        block_keys = self.to_blocks(all_keys.index_select(2, plan.index), plan)
+        block_values = self.to_blocks(all_values.index_select(2, plan.index), plan)
+        if self.config.retrieval_top_k > 0:
+            retrieved_keys, retrieved_values, retrieved_mask = self.retrieve(query, extended, plan)
+            output = self.attend_with_retrieval(
+                query, block_keys, block_values, plan.mask, retrieved_keys, retrieved_values, retrieved_mask
+            )
+        else:
+            output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
             cache_layer.update(extended, plan.carry, pooling)
         return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
+
+    @torch.no_grad()
+    def select_patches(
+        self, query: torch.Tensor, patch_keys: torch.Tensor, plan: AttentionPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query's `retrieval_top_k` selectable patches with the highest summary score (the summary attention
+        logit, averaged over the heads); ties go to the older patch (stable sort over slots in position order).
+
+        query [B * nb, h, block, d], extended patch keys [B, h, Tp, d] -> chosen extended patch slots, whether each
+        choice is a real one (fewer may be selectable), both [B * nb, block, k], and the sorted scores
+        [B * nb, block, width] (-inf = not selectable)."""
+        candidates = self.to_blocks(patch_keys.index_select(2, plan.select_slots.flatten()), plan)  # [B*nb, h, w, d]
+        scores = torch.einsum("nhqd,nhwd->nqw", query.float(), candidates.float()) / self.num_heads  # [B*nb, q, w]
+        scores = scores.masked_fill(~plan.select_mask, float("-inf"))
+        ranked, order = scores.sort(dim=-1, descending=True, stable=True)
+        top_k = min(self.config.retrieval_top_k, scores.shape[-1])
+        slots = plan.select_slots.repeat(query.shape[0] // plan.num_blocks, 1)  # [B * nb, width]
+        chosen = slots.gather(1, order[..., :top_k].flatten(1)).view(*order.shape[:2], top_k)
+        return chosen, ranked[..., :top_k] > float("-inf"), ranked
+
+    def retrieve(
+        self, query: torch.Tensor, extended: dict[str, tuple[torch.Tensor, torch.Tensor]], plan: AttentionPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tokens of each query's selected patches that lie outside its window: keys and values
+        [B * nb, h, block, k * patch_size, d] and which of them it attends to [B * nb, 1, block, k * patch_size]."""
+        token_keys, token_values = extended["tokens"]  # [B, h, Tt, d]
+        batch, heads, total, dim = token_keys.shape
+        if plan.select_slots is None:  # no query of this chunk has a selectable patch yet
+            empty = query.new_zeros(*query.shape[:3], 0, dim)
+            return empty, empty, torch.zeros(query.shape[0], 1, query.shape[2], 0, dtype=torch.bool, device=query.device)
+        chosen, real, _ = self.select_patches(query, extended["patches"][0], plan)  # [B * nb, block, k]
+        patch = self.config.patch_size
+        first = chosen * patch + plan.select_token_offset.repeat_interleave(plan.num_blocks)[:, None, None]
+        members = first[..., None] + torch.arange(patch, device=first.device)  # [B * nb, block, k, P]
+        attended = real[..., None] & (members <= plan.window_last[..., None, None])  # the window's are already in
+        members = members.clamp(0, total - 1).view(batch, -1)  # [B, nb * block * k * P]
+
+        def gather(states: torch.Tensor) -> torch.Tensor:  # [B, h, Tt, d] -> [B * nb, h, block, k * P, d]
+            picked = gather_slots(states, members).view(batch, heads, plan.num_blocks, plan.block, -1, dim)
+            return picked.transpose(1, 2).reshape(batch * plan.num_blocks, heads, plan.block, -1, dim)
+
+        return gather(token_keys), gather(token_values), attended.flatten(2)[:, None]
+
+    def attend_with_retrieval(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        retrieved_keys: torch.Tensor,
+        retrieved_values: torch.Tensor,
+        retrieved_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One softmax over a block's keys (window, summaries: shared by its queries) and each query's own retrieved
+        tokens. query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K]; retrieved [N, h, q, R, d], mask
+        [N, 1, q, R] -> [N, q, hidden]."""
+        shared = torch.matmul(query, keys.transpose(2, 3))  # [N, h, q, K]
+        own = torch.einsum("nhqd,nhqrd->nhqr", query, retrieved_keys)  # [N, h, q, R]
+        scores = (torch.cat([shared, own], dim=-1) * self.scaling).float()
+        scores = scores.masked_fill(~torch.cat([mask, retrieved_mask], dim=-1), float("-inf"))
+        weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
+        weights = nn.functional.dropout(weights, p=self.attention_dropout, training=self.training)
+        output = torch.matmul(weights[..., : keys.shape[2]], values)  # [N, h, q, d]
+        output = output + torch.einsum("nhqr,nhqrd->nhqd", weights[..., keys.shape[2] :], retrieved_values)
+        return self.o_proj(output.transpose(1, 2).reshape(*output.shape[:1], output.shape[2], -1))
 
     @staticmethod
     def extend(

@@ -63,7 +63,9 @@ def test_config_round_trips_every_knob(tmp_path):
 def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
     """Output of the first layer written as one dense [N, N + patches + sections] attention, straight from the rule:
     tokens t - W < s <= t; patch j (complete iff (j + 1) P <= t) visible among the most recent; older ones folded
-    into sections of Q patches (mean of their summaries) once all Q are older than the M most recent; MS sections."""
+    into sections of Q patches (mean of their summaries) once all Q are older than the M most recent; MS sections.
+    Retrieval (top_k K > 0): the tokens of the K patches j with t - R < j P <= t - W scoring highest (summary logit
+    averaged over heads, ties to the older patch) are visible too."""
     config, layer = model.config, model.model.layers[0]
     attn = layer.self_attn
     P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
@@ -93,15 +95,22 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
             mask[t, N + j] = j >= folded * Q
         for section in range(folded):
             mask[t, N + n_patches + section] = section >= folded - MS
+        selectable = [j for j in range(n_patches) if t - config.retrieval_window < j * P <= t - W]
+        if config.retrieval_top_k and selectable:
+            scores = torch.einsum("hd,hjd->j", q[0, :, t], pk[0][:, selectable]) / q.shape[1]
+            ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
+            for i in ranked[: config.retrieval_top_k]:
+                mask[t, selectable[i] * P : (selectable[i] + 1) * P] = True
     keys, values = torch.cat([k, pk, sk], 2), torch.cat([v, pv, sv], 2)
     attended, _ = attn.attend(q, keys, values, mask[None, None])
     hidden = hidden + attended
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
+@pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3)])
 @pytest.mark.parametrize("length", [23, 64])
-def test_block_local_forward_equals_dense_rule(length):
-    model = tiny_model(num_hidden_layers=1)
+def test_block_local_forward_equals_dense_rule(length, retrieval):
+    model = tiny_model(num_hidden_layers=1, **retrieval)
     input_ids = torch.randint(4, 40, (1, length))
     with torch.no_grad():
         ours = model(input_ids, use_cache=False, output_hidden_states=True).hidden_states[1]
