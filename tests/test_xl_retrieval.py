@@ -1,0 +1,221 @@
+"""HierarchicalXL coarse-to-fine retrieval (`retrieval_top_k > 0`): off changes nothing, reach, causality, one call ==
+segments == token by token (with a checked score margin), left padding, generation, save/load + remote code, bounded
+cache. The rule itself is checked against a dense reference in test_xl_model.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import last_json_line, run_without_package
+from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
+from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
+
+BASE = dict(
+    vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    patch_size=4, local_window=6, max_patch_summaries=3, section_size=2, max_section_summaries=2,
+)
+# initializer_range 0.3 spreads the patch scores, so that float noise cannot reorder them (checked by `margins`)
+RETRIEVAL = dict(retrieval_top_k=2, retrieval_window=24, initializer_range=0.3)
+
+
+def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
+    torch.manual_seed(0)
+    model = HierarchicalXLForCausalLM(HierarchicalXLConfig(**(BASE | RETRIEVAL | overrides))).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def run_segments(model, input_ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    cache, logits, start, step = HierarchicalXLCache(model.config), [], 0, 0
+    while start < input_ids.shape[1]:
+        size = sizes[step % len(sizes)]
+        logits.append(model(input_ids[:, start : start + size], cache=cache, use_cache=True).logits)
+        start, step = start + size, step + 1
+    return torch.cat(logits, dim=1)
+
+
+@pytest.fixture
+def margins(monkeypatch):
+    """Records, for every real query of every call, the score gap between its last chosen and first unchosen
+    selectable patch (inf when all selectable patches fit in top k)."""
+    gaps = []
+    select = HierarchicalXLAttention.select_patches
+
+    def recording(self, query, patch_keys, plan):
+        chosen, real, ranked = select(self, query, patch_keys, plan)
+        k = self.config.retrieval_top_k
+        if ranked.shape[-1] > k:
+            gap = ranked[..., k - 1] - ranked[..., k]  # nan/inf where fewer than k + 1 are selectable
+            is_query = query.abs().sum(dim=(1, 3)) > 0  # [N, block]: the block padding has zero queries
+            gap = torch.where(torch.isfinite(gap) & is_query, gap, float("inf"))
+            gaps.append(gap.min())
+        return chosen, real, ranked
+
+    monkeypatch.setattr(HierarchicalXLAttention, "select_patches", recording)
+    return gaps
+
+
+def test_retrieval_off_leaves_model_and_cache_untouched():
+    """retrieval_top_k = 0: retrieval_window is ignored (same logits, same cache layout and bytes as always)."""
+    config_kwargs = {key: value for key, value in RETRIEVAL.items() if key != "retrieval_top_k"}
+    off = tiny_model(retrieval_top_k=0, **config_kwargs)
+    plain = tiny_model(retrieval_top_k=0, retrieval_window=6, initializer_range=0.3)
+    input_ids = torch.randint(4, 40, (2, 40))
+    with torch.no_grad():
+        first, second = off(input_ids, use_cache=True), plain(input_ids, use_cache=True)
+    torch.testing.assert_close(first.logits, second.logits, atol=0, rtol=0)
+    assert first.cache.layers[0].keys["tokens"].shape[2] == BASE["local_window"] - 1
+    assert first.cache.layers[0].keys["patches"].shape[2] == off.config.patch_memory
+    assert "layout.retrieval_window" not in first.cache.state_dict()
+    assert first.cache.nbytes() == second.cache.nbytes()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [(dict(retrieval_top_k=-1), "retrieval_top_k"), (dict(retrieval_top_k=1.5), "retrieval_top_k"),
+     (dict(retrieval_window=5), "retrieval_window")],
+)
+def test_config_rejects_invalid_retrieval_values(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        HierarchicalXLConfig(**(BASE | RETRIEVAL | overrides))
+
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_far_token_reaches_exactly_while_its_patch_is_selectable(top_k):
+    """One layer, window 4, one patch summary, no sections: a token of patch 0 reaches t through the window
+    (t <= 4) or its summary (4 <= t < 8); with retrieval (window 12, top_k = every selectable patch) also through
+    its own bytes until it leaves the retrieval window (t < 12), never after."""
+    model = tiny_model(num_hidden_layers=1, local_window=4, max_patch_summaries=1, section_size=None,
+                       retrieval_top_k=top_k, retrieval_window=12)
+    embeds = model.model.embed_tokens(torch.randint(4, 40, (1, 24))).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    for t in range(1, 24):
+        (grad,) = torch.autograd.grad(logits[0, t].sum(), embeds, retain_graph=True)
+        assert (grad[0, 1].abs().max() > 0) == (t < (12 if top_k else 8)), t
+
+
+def test_causality_with_retrieval():
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 60))
+    embeds = model.model.embed_tokens(input_ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, use_cache=False).logits
+    for t in (0, 7, 12, 33, 58):
+        (grad,) = torch.autograd.grad(logits[:, t].sum(), embeds, retain_graph=True)
+        assert grad[:, t + 1 :].abs().max() == 0 and grad[:, t].abs().max() > 0
+    with torch.no_grad():
+        reference = model(input_ids, use_cache=False).logits
+        for t, k in ((10, 1), (25, 6), (40, 13)):
+            changed = input_ids.clone()
+            changed[:, t + k] = (changed[:, t + k] + 7) % 36 + 4
+            torch.testing.assert_close(model(changed, use_cache=False).logits[:, : t + 1], reference[:, : t + 1],
+                                       atol=0, rtol=0)
+            torch.testing.assert_close(run_segments(model, changed, [3, 5])[:, : t + 1], reference[:, : t + 1],
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("section_size", [2, None])
+def test_one_call_equals_segments_equals_token_by_token(margins, section_size):
+    """90 tokens: past the window (6), the summaries and the retrieval window (24); the rows' top-k choices have a
+    score margin far above float noise, so every chunking selects the same patches."""
+    model = tiny_model(section_size=section_size)
+    input_ids = torch.randint(4, 40, (2, 90))
+    with torch.no_grad():
+        reference = model(input_ids, use_cache=False).logits
+        for sizes in ([1], [3], [4], [11], [5, 1, 13], [90]):
+            torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
+        no_retrieval = tiny_model(section_size=section_size, retrieval_top_k=0)(input_ids, use_cache=False).logits
+    assert min(margins) > 1e-4, "a near-tie of patch scores: pick other inputs"
+    assert (reference - no_retrieval).abs().max() > 1e-2  # retrieval is really on
+
+
+def test_left_padded_batch_gives_each_row_its_own_logits():
+    model = tiny_model()
+    rows = [torch.randint(4, 40, (n,)) for n in (45, 9, 1)]
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :], attention_mask[i, width - len(row) :] = row, 1
+    with torch.no_grad():
+        batch = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        more = torch.randint(4, 40, (len(rows), 30))
+        continued = model(more, attention_mask=torch.cat([attention_mask, torch.ones_like(more)], 1), cache=batch.cache)
+        for i, row in enumerate(rows):
+            alone = model(torch.cat([row, more[i]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(batch.logits[i, width - len(row) :], alone[: len(row)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(continued.logits[i], alone[len(row) :], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, do_sample=False)],
+    ids=["greedy", "sampling", "beam"],
+)
+def test_cached_and_uncached_generation_agree(options):
+    model = tiny_model()
+    prompts = torch.randint(4, 40, (2, 9))
+    mask = torch.ones_like(prompts)
+    mask[1, :4] = 0  # left padding
+    torch.manual_seed(1)
+    cached = model.generate(prompts, attention_mask=mask, max_new_tokens=50, use_cache=True, **options)
+    torch.manual_seed(1)
+    uncached = model.generate(prompts, attention_mask=mask, max_new_tokens=50, use_cache=False, **options)
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_bytes_are_fixed_by_the_config_over_a_long_generation():
+    model = tiny_model(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    config = model.config
+    first = model.generate(torch.tensor([[1]]), max_new_tokens=10, do_sample=True, return_dict_in_generate=True)
+    size = first.cache.nbytes()
+    slots = (config.retrieval_window - 1) + config.summary_memory + config.section_memory
+    assert size == 2 * slots * config.hidden_size * 4 + (2 + config.hidden_size) * 4 + 8 + 1  # k/v, pooling, rows
+    output = model.generate(first.sequences, cache=first.cache, max_new_tokens=600, do_sample=True,
+                            return_dict_in_generate=True)  # 25x the retrieval window
+    assert output.cache.nbytes() == size and output.cache.seen.item() > 600
+
+
+def test_cache_state_round_trips_and_layout_is_checked(tmp_path):
+    model = tiny_model()
+    input_ids = torch.randint(4, 40, (2, 50))
+    with torch.no_grad():
+        cache = model(input_ids[:, :37], use_cache=True).cache
+        save_file({name: tensor.contiguous() for name, tensor in cache.state_dict().items()}, tmp_path / "c.safetensors")
+        restored = HierarchicalXLCache(model.config)
+        restored.load_state_dict(load_file(tmp_path / "c.safetensors"))
+        torch.testing.assert_close(model(input_ids[:, 37:], cache=restored).logits,
+                                   model(input_ids[:, 37:], cache=cache).logits, atol=0, rtol=0)
+    other = tiny_model(retrieval_top_k=0)
+    with pytest.raises(ValueError, match="retrieval_window"):
+        other(input_ids, cache=HierarchicalXLCache(model.config))
+    with pytest.raises(ValueError, match="retrieval_window"):
+        HierarchicalXLCache(other.config).load_state_dict(load_file(tmp_path / "c.safetensors"))
+
+
+def test_save_load_and_remote_code_keep_retrieval(tmp_path):
+    model = tiny_model(vocab_size=260)
+    model.save_pretrained(tmp_path)
+    input_ids = torch.randint(4, 260, (1, 70))
+    with torch.no_grad():
+        expected = model.generate(input_ids[:, :30], max_new_tokens=20, do_sample=False)
+        logits = model(input_ids).logits
+    loaded = HierarchicalXLForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.retrieval_top_k == 2 and loaded.config.retrieval_window == 24
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, logits, atol=0, rtol=0)
+    stdout = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        model.generation_config.eos_token_id = None
+        output = model.generate(torch.tensor({input_ids[:, :30].tolist()}), max_new_tokens=20, do_sample=False)
+        print(json.dumps({{"module": type(model).__module__, "top_k": model.config.retrieval_top_k,
+                          "tokens": output.tolist()}}))
+        """
+    )
+    result = last_json_line(stdout)
+    assert not result["module"].startswith("hier_transformers") and result["top_k"] == 2
+    assert result["tokens"] == expected.tolist()
