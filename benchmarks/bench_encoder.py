@@ -13,6 +13,7 @@ measurement (weights and inputs excluded; optimizer state and gradients included
     python benchmarks/bench_encoder.py                       # CPU, 1k..16k, writes results/encoder_cpu.*
     python benchmarks/bench_encoder.py --quick               # tiny smoke run
     python benchmarks/bench_encoder.py --device cuda --dtype bf16 --lengths 4096 16384 65536 131072
+    python benchmarks/bench_encoder.py --compare-top-down    # top_down "none" vs "summary_keys", one process
 """
 
 from __future__ import annotations
@@ -353,9 +354,55 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def compare_top_down(argv: list[str]) -> None:
+    """Forward time of our encoder with `top_down="none"` (old layout) and `"summary_keys"` (default), measured in
+    ONE process, interleaved, so that machine load hits both alike; prints the medians and their ratio.
+
+        python benchmarks/bench_encoder.py --compare-top-down [--length 16384 --repeats 11 --threads 1]
+    """
+    import statistics
+    import time
+
+    import torch
+
+    parser = argparse.ArgumentParser(prog="bench_encoder.py --compare-top-down")
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    (HierarchicalConfig,) = import_ours("configuration_hierarchical", "HierarchicalConfig")
+    (HierarchicalModel,) = import_ours("modeling_hierarchical", "HierarchicalModel")
+    kinds = ("none", "summary_keys")
+    models = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        config = HierarchicalConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=1024, top_down=kind)
+        zero_dropout(config)
+        config._attn_implementation = "sdpa"
+        models[kind] = HierarchicalModel(config).eval()
+    input_ids = torch.randint(5, 8192, (1, args.length), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    with torch.no_grad():
+        for kind in kinds:  # warm-up
+            models[kind](input_ids)
+        for _ in range(args.repeats):
+            for kind in kinds:
+                start = time.perf_counter()
+                models[kind](input_ids)
+                times[kind].append(time.perf_counter() - start)
+    medians = {kind: statistics.median(values) for kind, values in times.items()}
+    print(json.dumps({"length": args.length, "threads": args.threads, "repeats": args.repeats,
+                      "median_s": medians, "ratio_summary_keys_over_none": medians["summary_keys"] / medians["none"]}))
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--worker"]:
         worker(json.loads(argv[1]))
+        return
+    if argv[:1] == ["--compare-top-down"]:
+        compare_top_down(argv[1:])
         return
     args = parse_args(argv)
     if args.report_only:
