@@ -219,3 +219,84 @@ def test_save_load_and_remote_code_keep_retrieval(tmp_path):
     result = last_json_line(stdout)
     assert not result["module"].startswith("hier_transformers") and result["top_k"] == 2
     assert result["tokens"] == expected.tolist()
+
+
+# ------------------------------------------------------------------------------------- passkey benchmark plumbing
+
+
+@pytest.fixture(scope="module")
+def passkey():
+    from training_utils import REPO_ROOT  # noqa: F401  puts the repository root on sys.path
+
+    from training import passkey
+
+    return passkey
+
+
+def test_passkey_prompt_is_the_papers_with_the_key_at_the_distance(passkey):
+    import random
+
+    haystack = "abc defg hij. " * 50
+    for distance in (64, 1000):
+        prompt, actual = passkey.build_prompt("68048", distance, haystack, random.Random(0))
+        sentence = "The pass key is 68048. Remember it. 68048 is the pass key.\n"
+        assert prompt.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                                 "memorize them. I will quiz you about the important information there.\n")
+        assert prompt.endswith("\nWhat is the pass key? The pass key is") and prompt.count("68048") == 2
+        assert actual == distance and prompt.index("\nWhat is the pass key?") - prompt.index(sentence) == distance
+        assert len(prompt.encode()) == len(prompt)  # ASCII haystack: characters are bytes
+    assert passkey.score_answer(" 68048.", "68048") == (True, 1.0)
+    assert passkey.score_answer(" 68041 and", "68048") == (False, 0.8)
+    assert passkey.score_answer(" six", "68048") == (False, 0.0)
+
+
+def test_passkey_benchmark_scores_exact_match_and_writes_json(passkey, tmp_path, monkeypatch):
+    import json
+
+    from hier_transformers import ByteTokenizer
+
+    model = tiny_model(vocab_size=260)
+    model.save_pretrained(tmp_path / "model")
+    ByteTokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Some held-out text. " * 40)
+    truth = iter([True, False, True, True] * 4)  # an oracle that reads the key from the prompt, wrong when told
+
+    def oracle(model, tokenizer, prompt, new_tokens, chunk):
+        key = prompt.split("The pass key is ")[1][:5]
+        assert new_tokens == 7 and prompt.endswith("The pass key is")  # " 68048" is 6 bytes, + 1
+        return f" {key}." if next(truth) else f" {int(key) - 1}."
+
+    monkeypatch.setattr(passkey, "greedy_answer", oracle)
+    output = tmp_path / "passkey.json"
+    passkey.main([str(tmp_path / "model"), "--distances", "100", "300", "--trials", "2", "--output", str(output)])
+    results = json.loads(output.read_text())["results"]
+    on, off = results.values()  # the checkpoint with retrieval on, then the same weights with it off
+    assert [on["100"]["exact_match"], on["300"]["exact_match"], off["100"]["exact_match"]] == [0.5, 1.0, 0.5]
+    assert list(results)[1].endswith("retrieval off)") and model.config.retrieval_top_k == 2
+
+
+def test_passkey_greedy_answer_runs_a_real_model_in_chunks(passkey):
+    from hier_transformers import ByteTokenizer
+
+    model, tokenizer = tiny_model(vocab_size=260), ByteTokenizer()
+    prompt = "There is a pass key 12345 " * 4
+    one = passkey.greedy_answer(model, tokenizer, prompt, 6, chunk=1000)
+    chunked = passkey.greedy_answer(model, tokenizer, prompt, 6, chunk=7)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert one == chunked == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_passkey_training_data_holds_prompts_with_their_answers(passkey, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Training text here. " * 40)
+    path = tmp_path / "train.jsonl"
+    passkey.main(["--write-training-data", str(path), "--distances", "16", "64", "--documents", "40",
+                  "--real-text-fraction", "0.25"])
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    keyed = [text for text in texts if text.startswith("There is an important info")]
+    assert len(texts) == 40 and 15 < len(keyed) < 40
+    for text in keyed:
+        key = text.split("The pass key is ")[1][:5]
+        assert text.endswith(f"What is the pass key? The pass key is {key}.")

@@ -1,0 +1,260 @@
+"""Passkey retrieval (Mohtashami & Jaggi, 2023): can the model give back 5 digits it read `distance` bytes ago?
+
+The prompt is the paper's: an instruction, a haystack of held-out real text (the validation split of the embedded
+Shakespeare works or news articles, never the training split), the key sentence "The pass key is 68048. Remember
+it. 68048 is the pass key." placed so that it starts `distance` bytes before the question, more haystack, and
+"What is the pass key? The pass key is". The model answers greedily; a trial counts when the first 5 digits it writes
+are the key (exact match; chance is 1e-5). `digits` is the fraction of key digits right, position by position.
+
+    python training/passkey.py runs/xl_passkey/final --distances 1024 4096 16384 65536 --trials 50
+    python training/passkey.py runs/xl_passkey/final --baseline runs/mistral_passkey/final --baseline runs/llama/final
+
+A HierarchicalXL checkpoint with retrieval on is also scored with retrieval off (`retrieval_top_k = 0`, same
+weights: the ablation). A baseline whose `max_position_embeddings` is shorter than a prompt gets no score there.
+Prompts are prefilled in chunks of `--chunk` tokens with the model's cache, then 5+ tokens are decoded greedily.
+The table goes to stdout, the numbers to `--output` (JSON).
+
+Training data for the passkey curriculum (JSON Lines with a `text` column, for `pretrain_clm.py --data_files`):
+
+    python training/passkey.py --write-training-data data/passkey_train.jsonl --distances 16 64 256 1024 \
+        --documents 4000 --real-text-fraction 0.3
+
+Each passkey document is the same prompt followed by the answer (" 68048."), haystack from the *training* split;
+distances are drawn with weights halving from the shortest (a curriculum within one stream: short ones dominate);
+a `--real-text-fraction` of the documents are plain training text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there.\n"
+)
+KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+LEAD_BYTES = 128  # haystack between the instruction and the key sentence
+DEFAULT_DISTANCES = (1024, 4096, 16384, 65536)
+
+
+def load_haystack(corpus: str, split: str) -> str:
+    """The `split` of an embedded corpus as one ASCII string (non-ASCII dropped, so characters are bytes)."""
+    from hier_transformers.data import load_news_articles, load_shakespeare
+
+    dataset = (load_shakespeare() if corpus == "shakespeare" else load_news_articles())[split]
+    text = "\n\n".join(dataset["text"])
+    return text.encode("ascii", "ignore").decode("ascii")
+
+
+def filler(haystack: str, length: int, rng: random.Random) -> str:
+    """`length` consecutive bytes of the haystack from a random offset (wrapping around)."""
+    if length <= 0:
+        return ""
+    repeats = -(-length // len(haystack)) + 1
+    start = rng.randrange(len(haystack))
+    return (haystack * repeats)[start : start + length]
+
+
+def build_prompt(key: str, distance: int, haystack: str, rng: random.Random) -> tuple[str, int]:
+    """The passkey prompt with the key sentence starting `distance` bytes before the question (or right after the
+    instruction when the key sentence alone is longer) -> (prompt, the actual distance)."""
+    sentence = KEY_SENTENCE.format(key=key)
+    after = filler(haystack, max(distance - len(sentence), 0), rng)
+    prompt = INTRO + filler(haystack, LEAD_BYTES, rng) + sentence + after + QUESTION
+    return prompt, len(sentence) + len(after)
+
+
+def random_key(rng: random.Random) -> str:
+    return f"{rng.randrange(10_000, 100_000)}"
+
+
+def score_answer(answer: str, key: str) -> tuple[bool, float]:
+    """(exact match of the first 5 digits written, fraction of the key's digits right by position)."""
+    digits = "".join(character for character in answer if character.isdigit())[: len(key)]
+    right = sum(a == b for a, b in zip(digits, key))
+    return digits == key, right / len(key)
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, new_tokens: int, chunk: int) -> str:
+    """Prefill `prompt` in chunks through the model's cache, then decode `new_tokens` greedily."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    is_xl = model.config.model_type == "hierarchical_xl"
+    cache, logits = None, None
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start : start + chunk]
+        if is_xl:
+            output = model(piece, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = output.cache
+        else:
+            output = model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = output.past_key_values
+        logits = output.logits[:, -1]
+    answer = []
+    for _ in range(new_tokens):
+        token = logits.argmax(-1, keepdim=True)
+        answer.append(int(token))
+        output = model(token, cache=cache, use_cache=True) if is_xl else model(
+            token, past_key_values=cache, use_cache=True
+        )
+        logits = output.logits[:, -1]
+    return tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def context_limit(model) -> int | None:
+    """The longest prompt a model can read (None: unbounded, as HierarchicalXL and sliding-window models)."""
+    if model.config.model_type in ("hierarchical_xl", "mistral"):
+        return None
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int, chunk: int) -> dict[str, dict]:
+    """Exact match and digit accuracy per distance; the same keys and haystack offsets for every model (`seed`)."""
+    limit = context_limit(model)
+    results = {}
+    for distance in distances:
+        rng = random.Random(f"{seed}-{distance}")
+        exact, digits, skipped, started = 0, 0.0, False, time.perf_counter()
+        for _ in range(trials):
+            key = random_key(rng)
+            prompt, _ = build_prompt(key, distance, haystack, rng)
+            new_tokens = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 1
+            if limit is not None and len(tokenizer(prompt)["input_ids"]) + new_tokens > limit:
+                skipped = True
+                break
+            hit, right = score_answer(greedy_answer(model, tokenizer, prompt, new_tokens, chunk), key)
+            exact, digits = exact + hit, digits + right
+        results[str(distance)] = (
+            {"exact_match": None, "digits": None, "trials": 0, "note": f"beyond the context ({limit} tokens)"}
+            if skipped
+            else {"exact_match": exact / trials, "digits": digits / trials, "trials": trials,
+                  "seconds_per_trial": (time.perf_counter() - started) / trials}
+        )
+    return results
+
+
+def load(folder: str, weights: str | None = None):
+    """A saved model folder and its tokenizer; `weights`: a safetensors state dict (a training checkpoint's
+    `model.safetensors`) loaded over the folder's weights, for learning curves."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hier_transformers  # noqa: F401  registers the package's classes (remote code works as well)
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    if weights is not None:
+        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"--weights {weights} does not fit {folder}: missing {missing}, unexpected {unexpected}.")
+        model.tie_weights()
+    return model, tokenizer
+
+
+def markdown(rows: dict[str, dict], distances) -> str:
+    header = "| model | " + " | ".join(f"{d} B" for d in distances) + " |"
+    lines = [header, "|" + "---|" * (len(distances) + 1)]
+    for name, results in rows.items():
+        cells = []
+        for distance in distances:
+            result = results[str(distance)]
+            cells.append("n/a" if result["exact_match"] is None else
+                         f"{result['exact_match']:.2f} ({result['digits']:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nexact match (digit accuracy); chance: 0.00001 (0.10)"
+
+
+def run_benchmark(args) -> dict:
+    haystack = load_haystack(args.corpus, "validation")
+    rows = {}
+    for folder in [args.checkpoint, *args.baseline]:
+        weights = args.weights if folder == args.checkpoint else None
+        model, tokenizer = load(folder, weights)
+        torch.manual_seed(0)
+        source = Path(weights).parent.name if weights else Path(folder).name
+        name = f"{Path(folder).parent.name or folder}/{source} ({model.config.model_type})"
+        rows[name] = evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
+        if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0:
+            top_k = model.config.retrieval_top_k
+            model.config.retrieval_top_k = 0  # the same weights, summaries and window only
+            rows[name.replace(")", ", retrieval off)")] = evaluate(
+                model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk
+            )
+            model.config.retrieval_top_k = top_k
+    table = markdown(rows, args.distances)
+    print(table)
+    summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances, "trials": args.trials, "corpus": args.corpus, "results": rows,
+               "table": table}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_training_data(args) -> int:
+    """Passkey documents (prompt + answer) and plain text, as JSON Lines; returns the number of documents."""
+    rng = random.Random(args.seed)
+    haystack = load_haystack(args.corpus, "train")
+    weights = [0.5**index for index in range(len(args.distances))]
+    path = Path(args.write_training_data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for _ in range(args.documents):
+            distance = rng.choices(args.distances, weights)[0]
+            if rng.random() < args.real_text_fraction:
+                text = filler(haystack, distance + LEAD_BYTES + len(INTRO), rng)
+            else:
+                key = random_key(rng)
+                prompt, _ = build_prompt(key, distance, haystack, rng)
+                text = f"{prompt} {key}."
+            out.write(json.dumps({"text": text}) + "\n")
+    return args.documents
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", help="a saved model folder (with its tokenizer)")
+    parser.add_argument("--weights", help="a training checkpoint's model.safetensors to load over CHECKPOINT's weights")
+    parser.add_argument("--baseline", action="append", default=[], help="another checkpoint folder (repeatable)")
+    parser.add_argument("--distances", type=int, nargs="+", default=list(DEFAULT_DISTANCES))
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--corpus", choices=("shakespeare", "news"), default="shakespeare")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
+    parser.add_argument("--output", help="JSON file for the results")
+    parser.add_argument("--write-training-data", metavar="JSONL", help="write passkey training documents instead")
+    parser.add_argument("--documents", type=int, default=4000)
+    parser.add_argument("--real-text-fraction", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.write_training_data is None):
+        parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
+    if any(distance < 1 for distance in args.distances) or args.trials < 1:
+        parser.error("--distances and --trials must be >= 1")
+    if not 0.0 <= args.real_text_fraction < 1.0:
+        parser.error("--real-text-fraction must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.write_training_data:
+        count = write_training_data(args)
+        print(json.dumps({"documents": count, "path": args.write_training_data}))
+    else:
+        run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
