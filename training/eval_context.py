@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.pretrain_clm import EVAL_SEGMENT_LENGTH  # noqa: E402
 from training.lm_eval import (  # noqa: E402
     bootstrap_interval,
     bucket_names,
@@ -62,16 +63,15 @@ def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> di
 
     info = describe(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    segment = info["segment_length"]
-    if info["model_type"] == "hierarchical_xl":
-        modes = {"memory carried": {"kind": "hierarchical_xl"},
-                 f"memory reset every {reset_every}": {"kind": "hierarchical_xl", "reset_every": reset_every}}
-        segment = min(segment, reset_every)
+    if info["model_type"] == "hierarchical_xl":  # the XL memory gives the same logits however a text is cut
+        modes = {"memory carried": {"kind": "hierarchical_xl", "segment_length": EVAL_SEGMENT_LENGTH},
+                 f"memory reset every {reset_every}": {"kind": "hierarchical_xl", "reset_every": reset_every,
+                                                       "segment_length": min(EVAL_SEGMENT_LENGTH, reset_every)}}
     elif info["model_type"] == "mistral":
-        modes = {f"sliding window {model.config.sliding_window}": {"kind": "sliding"}}
+        modes = {f"sliding window {model.config.sliding_window}": {"kind": "sliding", "segment_length": 512}}
     else:
         modes = {f"full attention, windows of {info['block_size']}": {"kind": "full", "context": info["block_size"]}}
-    scored = {name: score_documents(model, documents, segment_length=segment, batch_size=batch_size, **options)
+    scored = {name: score_documents(model, documents, batch_size=batch_size, **options)
               for name, options in modes.items()}
     result = {"model_type": info["model_type"], "parameters": sum(p.numel() for p in model.parameters()),
               "trained_block_size": info["block_size"], "curves": {}}
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="the split seed the models were trained with")
     parser.add_argument("--reset_every", type=int, default=512, help="bytes between memory resets (the ablation)")
     parser.add_argument("--max_documents", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", type=Path, default=None, help="JSON results")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
     args = parser.parse_args(argv)

@@ -53,6 +53,7 @@ BASELINE_FIELDS = {
 }
 MODEL_TYPES = ("hierarchical_xl", *BASELINE_FIELDS)
 MEMORY_FILE = "stream_memory_rank{rank}.safetensors"
+EVAL_SEGMENT_LENGTH = 1024  # tokens per forward when scoring whole documents
 
 
 @dataclasses.dataclass
@@ -271,8 +272,9 @@ def final_evaluation(config: CLMRunConfig, folder: Path) -> dict | None:
     texts = list(corpus["validation"]["text"])
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     kind = {"hierarchical_xl": "hierarchical_xl", "mistral": "sliding"}.get(config.model_type, "full")
-    scores = score_documents(model, encode_documents(tokenizer, texts), kind, segment_length=config.segment_length,
-                             context=config.block_size)
+    # the XL memory gives the same logits however a document is cut into segments: read long segments (fast)
+    scores = score_documents(model, encode_documents(tokenizer, texts), kind, segment_length=EVAL_SEGMENT_LENGTH,
+                             context=config.block_size, batch_size=16)
     return {"bits_per_byte": scores.bits_per_byte(), "by_position": scores.by_position(),
             "documents": len(texts), "bytes": sum(len(text.encode()) for text in texts),
             **compressor_bits_per_byte(texts)}
