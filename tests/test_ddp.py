@@ -25,7 +25,9 @@ def test_two_process_ddp_clm_run(tmp_path):
     for step in ("step_0000004", "step_0000008"):
         files = {path.name for path in (tmp_path / "checkpoints" / step).iterdir()}
         assert files == {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                         "random_states_1.pkl", "trainer_state.json"}
+                         "random_states_1.pkl", "trainer_state.json",
+                         # the stream trainer's carried memory: each rank saves its own rows
+                         "stream_memory_rank0.safetensors", "stream_memory_rank1.safetensors"}
     final = tmp_path / "final"
     assert json.loads((final / "config.json").read_text())["architectures"] == ["HierarchicalXLForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
