@@ -51,11 +51,6 @@ def test_gathered_final_model_loads_in_one_process(fsdp_run):
     assert math.isfinite(summary(fsdp_run)["eval"]["loss"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: the encoder has trainable parameters that never get a gradient (embeddings.document_slot with attention "
-    "pooling, the last layer's section attention), so AdamW holds no state for them, and torch 2.13's FSDP2 "
-    "set_optimizer_state_dict (called by accelerate.load_state, strict) refuses the checkpoint: 'Missing optimizer "
-    "state for parameter ...'. Fix on the model side (no unused parameters) or in accelerate (strict=False)."))
 def test_resume_from_a_checkpoint_of_the_sharded_run(fsdp_run, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(fsdp_run, resumed)

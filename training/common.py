@@ -708,6 +708,8 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
                 seed = batch_seed(config.seed, epoch * batches_per_epoch + index, accelerator)
                 loss_sum, n_tokens = objective.train_step(model, batch, seed, accelerator.backward)
                 if accelerator.sync_gradients:
+                    if accelerator.distributed_type == DistributedType.FSDP:
+                        give_unused_parameters_zero_gradients(model)
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -762,6 +764,15 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
                config.push_to_hub, config.hub_private)
     accelerator.end_training()
     return summary
+
+
+def give_unused_parameters_zero_gradients(model: torch.nn.Module) -> None:
+    """FSDP2's optimizer-state loading (strict, in `accelerator.load_state`) needs an AdamW state for every parameter,
+    but a parameter no loss reaches (e.g. an MLM's last section-level block) never gets a gradient, so AdamW would keep
+    none: give such parameters a zero gradient, so AdamW keeps a (zero-moment) state and a sharded run resumes."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, tokens_seen: int, keep: int,
