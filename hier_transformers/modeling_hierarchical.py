@@ -29,7 +29,14 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_hierarchical import HierarchicalConfig
-from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding, apply_rotary
+from .modeling_blocks import (
+    AttentionPooling,
+    FeedForward,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    apply_rotary,
+    check_token_inputs,
+)
 
 
 @dataclass
@@ -366,26 +373,7 @@ class HierarchicalModel(HierarchicalPreTrainedModel):
         token_type_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
     ) -> tuple[int, int]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                raise ValueError(
-                    f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
-                )
-            shape = tuple(input_ids.shape)
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-                raise ValueError(
-                    f"`inputs_embeds` must be [batch, seq_len, hidden_size={self.config.hidden_size}], got shape "
-                    f"{tuple(inputs_embeds.shape)}."
-                )
-            shape = tuple(inputs_embeds.shape[:2])
-        if shape[1] == 0:
-            raise ValueError("`input_ids` / `inputs_embeds` must hold at least one token (seq_len >= 1).")
+        shape = check_token_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.hidden_size)
         if attention_mask is not None and tuple(attention_mask.shape) != shape:
             raise ValueError(
                 f"`attention_mask` must have the shape of the input {shape}, got {tuple(attention_mask.shape)}."
