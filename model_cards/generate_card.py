@@ -149,6 +149,19 @@ def hierarchy_text(config: dict) -> str:
             f"(token attention inside a patch, patch attention inside a section, section attention over the document).")
 
 
+def final_eval_rows(final: dict | None) -> list[tuple[str, str]]:
+    """Rows for the held-out whole-document evaluation of a byte-level causal LM (training/pretrain_clm.py)."""
+    if not final:
+        return []
+    rows = [(f"bits per byte, {final['documents']} whole validation documents ({final['bytes']:,} bytes), memory "
+             "carried from each document's start", _format(final["bits_per_byte"]))]
+    rows += [(f"`{name.replace('_', ' ')}` on the same bytes, each document alone", _format(final[name]))
+             for name in ("bzip2_-9", "xz_-9e") if name in final]
+    rows += [(f"`{name.replace('_', ' ')}` on the same bytes, the split as one file", _format(value))
+             for name, value in final.get("concatenated", {}).items()]
+    return rows
+
+
 def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_tag: str | None = None) -> ModelCard:
     """The model card of a checkpoint folder (needs config.json and run_summary.json)."""
     folder = Path(folder)
@@ -197,7 +210,8 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_t
         data_description=data_description,
         procedure=task["procedure"],
         hyperparameters=hyperparameters,
-        results=[(METRIC_NAMES[key], _format(value)) for key, value in results.items()],
+        results=[(METRIC_NAMES[key], _format(value)) for key, value in results.items()]
+        + final_eval_rows(summary.get("final_eval")),
         eval_split=dataset.get("split", "evaluation"),
         dataset_name=dataset["name"],
         intended_use=task["intended_use"],

@@ -89,3 +89,14 @@ def test_run_config_overrides_and_validation(tmp_path):
         parse_run_args(RunConfig, ["--max_step", "5"])
     with pytest.raises(ValueError, match="segment_length"):
         parse_run_args(pretrain_clm.CLMRunConfig, ["--block_size", "64", "--segment_length", "128"])
+
+
+def test_final_evaluation_scores_whole_held_out_documents_beside_compressors(clm_run):
+    output_dir, summary = clm_run
+    final = summary["final_eval"]
+    assert final["documents"] == TINY_CLM_RUN["max_eval_documents"]
+    assert 0 < final["bits_per_byte"] < 8.5 and 0 < final["bzip2_-9"] < 8 and 0 < final["concatenated"]["xz_-9e"] < 8
+    assert sum(bucket["bytes"] for bucket in final["by_position"].values()) == final["bytes"]  # every byte scored
+    saved = json.loads((output_dir / "final" / "run_summary.json").read_text())
+    assert saved["final_eval"]["bits_per_byte"] == pytest.approx(final["bits_per_byte"])
+    assert "memory carried from each document's start" in (output_dir / "final" / "README.md").read_text()
