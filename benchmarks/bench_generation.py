@@ -19,6 +19,11 @@ Training throughput: tokens/s of one training step (forward with labels, backwar
     python benchmarks/bench_generation.py                   # CPU, 1k..64k, writes results/generation_cpu.*
     python benchmarks/bench_generation.py --quick
     python benchmarks/bench_generation.py --device cuda --dtype bf16
+
+Rows with coarse-to-fine retrieval on (docs/retrieval.md): the same command with the retrieval fields of ours, e.g.
+
+    python benchmarks/bench_generation.py --models hierarchical_xl --contexts 4096 65536 --no-train \
+        --ours-config retrieval_top_k=4 retrieval_window=65536 --suffix _retrieval
 """
 
 from __future__ import annotations
