@@ -35,6 +35,16 @@ def assign_documents(lengths: Sequence[int], num_streams: int, seed: int) -> lis
     return streams
 
 
+def split_long_documents(documents: Sequence[Sequence[int]], num_streams: int,
+                         segment_length: int) -> list[Sequence[int]]:
+    """Cut every document longer than an even share of the corpus (``total / num_streams``, in whole segments) into
+    consecutive pieces of that length, so that one book, or a few long ones, still fill every stream: each piece reads
+    on in another row whose memory starts there (as Transformer-XL cuts its one corpus stream into batch rows)."""
+    total = sum(-(-len(doc) // segment_length) * segment_length for doc in documents)
+    share = max(segment_length, -(-total // num_streams // segment_length) * segment_length)
+    return [doc[start:start + share] for doc in documents for start in range(0, len(doc), share)]
+
+
 class StreamDataset(Dataset):
     """Items ``{"input_ids", "labels", "attention_mask": [block_size], "resets": [block_size // segment_length]}``.
 
@@ -51,6 +61,7 @@ class StreamDataset(Dataset):
         self.rows, self.num_processes, self.block_size = rows, num_processes, block_size
         self.segment_length = segment_length
         num_streams = rows * num_processes
+        documents = split_long_documents(documents, num_streams, segment_length)
         padded = [-(-len(doc) // segment_length) * segment_length for doc in documents]
         streams = assign_documents(padded, num_streams, seed)
         self.steps = min(sum(padded[i] for i in stream) for stream in streams) // block_size
