@@ -47,10 +47,11 @@ TASKS = {
         "summary": "A hierarchical, Transformer-XL-style causal language model: every token attends to a local window "
                    "of recent tokens at full resolution and to summaries of completed earlier patches, and the "
                    "segment memory is carried across calls, so generation can stream without bound.",
-        "procedure": "Pretrained from scratch with `training/pretrain_clm.py` (Accelerate): next-token prediction over "
-                     "blocks processed segment by segment with the memory carried and detached between segments "
-                     "(truncated backpropagation through time), AdamW, linear warm-up then cosine decay, gradient "
-                     "clipping.",
+        "procedure": "Pretrained from scratch with `training/pretrain_clm.py` (Accelerate), Transformer-XL style: "
+                     "each batch row follows a stream of documents, read segment by segment with the memory carried "
+                     "and detached from segment to segment and from step to step, and reset where a document begins "
+                     "(truncated backpropagation through time; with `stream: false`, independent blocks); AdamW, "
+                     "linear warm-up then cosine decay, gradient clipping.",
         "intended_use": "A small research checkpoint for streaming generation and for studying hierarchical memory. "
                         "It is trained on a tiny corpus and produces English-like text, not reliable facts; do not "
                         "use it for anything where the content matters.",
