@@ -103,9 +103,11 @@ def plot(results: dict, path: Path) -> None:
             names = [bucket for bucket in buckets if bucket in curve["by_position"]]
             axis.plot(range(len(names)), [curve["by_position"][b]["bits_per_byte"] for b in names], marker="o",
                       label=f"{model_name}: {curve_name}")
-    for name, value in results["compressors"].items():
-        axis.axhline(value, linestyle=":", color="gray")
-        axis.annotate(name.replace("_", " "), (0, value), fontsize=8, color="gray", va="bottom")
+    for key, style, where in (("compressors", ":", "each document alone"),
+                              ("compressors_concatenated", "-.", "the split as one file")):
+        for name, value in results.get(key, {}).items():
+            axis.axhline(value, linestyle=style, color="gray")
+            axis.annotate(f"{name.replace('_', ' ')} ({where})", (0, value), fontsize=7, color="gray", va="bottom")
     axis.set_xticks(range(len(buckets)), buckets)
     axis.set_xlabel("bytes from the document's start")
     axis.set_ylabel("held-out bits per byte")
