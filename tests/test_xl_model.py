@@ -181,9 +181,9 @@ def test_eager_equals_sdpa():
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
-def test_left_padded_batch_gives_each_row_its_own_logits():
-    model = tiny_model()
-    rows = [torch.randint(4, 40, (n,)) for n in (31, 9, 1)]
+def assert_left_padded_rows_match_rows_alone(model, lengths: tuple[int, ...], continuation: int) -> None:
+    """A left-padded batch, and its continuation through the cache, give each row the logits it has alone."""
+    rows = [torch.randint(4, 40, (n,)) for n in lengths]
     width = max(len(row) for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -191,12 +191,16 @@ def test_left_padded_batch_gives_each_row_its_own_logits():
         input_ids[i, width - len(row) :], attention_mask[i, width - len(row) :] = row, 1
     with torch.no_grad():
         batch = model(input_ids, attention_mask=attention_mask, use_cache=True)
-        more = torch.randint(4, 40, (len(rows), 6))
+        more = torch.randint(4, 40, (len(rows), continuation))
         continued = model(more, attention_mask=torch.cat([attention_mask, torch.ones_like(more)], 1), cache=batch.cache)
         for i, row in enumerate(rows):
             alone = model(torch.cat([row, more[i]])[None], use_cache=False).logits[0]
             torch.testing.assert_close(batch.logits[i, width - len(row) :], alone[: len(row)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(continued.logits[i], alone[len(row) :], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_gives_each_row_its_own_logits():
+    assert_left_padded_rows_match_rows_alone(tiny_model(), (31, 9, 1), continuation=6)
 
 
 def test_right_padding_is_fine_in_one_call_but_cannot_be_continued():

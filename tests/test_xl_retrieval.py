@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import last_json_line, run_without_package
 from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
 from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
+from test_xl_model import assert_left_padded_rows_match_rows_alone, run_segments
 
 BASE = dict(
     vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -25,15 +26,6 @@ def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
     model = HierarchicalXLForCausalLM(HierarchicalXLConfig(**(BASE | RETRIEVAL | overrides))).eval()
     model.generation_config.eos_token_id = None
     return model
-
-
-def run_segments(model, input_ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    cache, logits, start, step = HierarchicalXLCache(model.config), [], 0, 0
-    while start < input_ids.shape[1]:
-        size = sizes[step % len(sizes)]
-        logits.append(model(input_ids[:, start : start + size], cache=cache, use_cache=True).logits)
-        start, step = start + size, step + 1
-    return torch.cat(logits, dim=1)
 
 
 @pytest.fixture
@@ -131,21 +123,7 @@ def test_one_call_equals_segments_equals_token_by_token(margins, section_size):
 
 
 def test_left_padded_batch_gives_each_row_its_own_logits():
-    model = tiny_model()
-    rows = [torch.randint(4, 40, (n,)) for n in (45, 9, 1)]
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :], attention_mask[i, width - len(row) :] = row, 1
-    with torch.no_grad():
-        batch = model(input_ids, attention_mask=attention_mask, use_cache=True)
-        more = torch.randint(4, 40, (len(rows), 30))
-        continued = model(more, attention_mask=torch.cat([attention_mask, torch.ones_like(more)], 1), cache=batch.cache)
-        for i, row in enumerate(rows):
-            alone = model(torch.cat([row, more[i]])[None], use_cache=False).logits[0]
-            torch.testing.assert_close(batch.logits[i, width - len(row) :], alone[: len(row)], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(continued.logits[i], alone[len(row) :], atol=1e-5, rtol=1e-5)
+    assert_left_padded_rows_match_rows_alone(tiny_model(), (45, 9, 1), continuation=30)
 
 
 @pytest.mark.parametrize(
