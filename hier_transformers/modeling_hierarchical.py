@@ -29,14 +29,8 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_hierarchical import HierarchicalConfig
-from .modeling_blocks import (
-    AttentionPooling,
-    FeedForward,
-    MultiHeadAttention,
-    RotaryEmbedding,
-    apply_rotary,
-    check_token_inputs,
-)
+from .modeling_blocks import AttentionPooling, FeedForward, MultiHeadAttention, RotaryEmbedding, apply_rotary
+from .modeling_blocks import check_token_inputs
 
 
 @dataclass
