@@ -47,32 +47,41 @@ def segment_lm_step(
     segment_length: int,
     cache: HierarchicalXLCache | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, HierarchicalXLCache]:
     """Run a causal LM over `input_ids` segment by segment with a detached cache.
 
-    Each position predicts the next token of `input_ids`, across segment boundaries (the last position of a
-    segment predicts the first token of the next one). For every segment, `backward` (e.g.
-    `torch.Tensor.backward` or `accelerator.backward`) is called on that segment's share of the MEAN loss, so the
-    accumulated gradients are those of the mean over all predictions. Returns (summed loss, detached; number of
-    predictions; the detached cache after the last segment).
+    By default each position predicts the next token of `input_ids`, across segment boundaries (the last position of a
+    segment predicts the first token of the next one; the very last position predicts nothing). `labels`
+    [batch, length] instead gives each position's target directly (-100 = none), `attention_mask` [batch, length]
+    marks real tokens (padding only at a row's end) and `resets` [batch, num_segments] (bool) restarts a row's memory
+    before a segment — how Transformer-XL stream training starts a new document in one row. For every segment,
+    `backward` (e.g. `torch.Tensor.backward` or `accelerator.backward`) is called on that segment's share of the MEAN
+    loss, so the accumulated gradients are those of the mean over all predictions. Returns (summed loss, detached;
+    number of predictions; the detached cache after the last segment).
     """
-    if input_ids.shape[1] < 2 and cache is None:
-        raise ValueError("`input_ids` needs at least 2 tokens to have a next-token target.")
-    targets = input_ids[:, 1:]
-    num_predictions = targets.numel()
+    if labels is None:
+        if input_ids.shape[1] < 2 and cache is None:
+            raise ValueError("`input_ids` needs at least 2 tokens to have a next-token target.")
+        labels = nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # [B, L]: the next token, none at the end
+    num_predictions = int((labels != -100).sum())
     if cache is None:
         cache = HierarchicalXLCache(getattr(model, "module", model).config)  # DDP-wrapped models too
     loss_sum = torch.zeros((), device=input_ids.device)
     start = 0
-    for segment in iter_segments(input_ids, segment_length):
-        logits = model(input_ids=segment, cache=cache, use_cache=True).logits  # [B, L, vocab]
-        segment_targets = targets[:, start : start + segment.shape[1]]  # the last segment has one target fewer
-        logits = logits[:, : segment_targets.shape[1]]
+    for index, segment in enumerate(iter_segments(input_ids, segment_length)):
+        if resets is not None and cache.seen is not None and bool(resets[:, index].any()):
+            cache.reset_rows(resets[:, index])
+        columns = slice(start, start + segment.shape[1])
+        mask = attention_mask[:, columns] if attention_mask is not None else None
+        logits = model(input_ids=segment, attention_mask=mask, cache=cache, use_cache=True).logits  # [B, L, vocab]
         loss = nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), segment_targets.reshape(-1), reduction="sum"
-        )
+            logits.float().reshape(-1, logits.shape[-1]), labels[:, columns].reshape(-1), reduction="sum"
+        )  # -100 targets are ignored
         if backward is not None and loss.requires_grad:
-            backward(loss / num_predictions)
+            backward(loss / max(num_predictions, 1))
         loss_sum = loss_sum + loss.detach()
         cache = cache.detached()
         start += segment.shape[1]

@@ -34,7 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from training.common import build_config, load_config_file, load_corpus, load_tokenizer  # noqa: E402
+from training.common import build_config, load_corpus, load_tokenizer, parse_run_args  # noqa: E402
+from training.eval_context import main as eval_context  # noqa: E402
+from training.eval_context import table  # noqa: E402
 from training.pretrain_clm import CausalLM, CLMRunConfig  # noqa: E402
 
 
@@ -74,19 +76,14 @@ def spec_overrides(spec: str) -> list[tuple[str, str]]:
 
 
 def read_spec(spec: str) -> tuple[Path, dict]:
-    """A run config with a variant's overrides applied (values parsed as YAML, like the command line's)."""
-    import yaml
-
+    """A run config with a variant's overrides applied, parsed like the command line's ``--key value`` pairs."""
     path = Path(spec.partition("@")[0])
-    values = load_config_file(path)
-    for key, value in spec_overrides(spec):
-        if key.startswith("model."):
-            values.setdefault("model", {})[key[len("model."):]] = yaml.safe_load(value)
-        else:
-            values[key] = yaml.safe_load(value)
-    if spec_overrides(spec) and "model_name" not in dict(spec_overrides(spec)):
-        suffix = "-".join(f"{key.split('.')[-1]}{value}" for key, value in spec_overrides(spec))
-        values["model_name"] = f"{values.get('model_name', 'model')}-{suffix}"
+    pairs = spec_overrides(spec)
+    config, _ = parse_run_args(CLMRunConfig, ["--config", str(path), *(item for key, value in pairs
+                                                                       for item in (f"--{key}", value))])
+    values = config.to_dict()
+    if pairs and "model_name" not in dict(pairs):
+        values["model_name"] += "-" + "-".join(f"{key.split('.')[-1]}{value}" for key, value in pairs)
     return path, values
 
 
@@ -169,7 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
         if current is None or job["in_run_eval"]["bits_per_byte"] < current["in_run_eval"]["bits_per_byte"]:
             best[job["config"]] = job
 
-    from training.eval_context import main as eval_context
 
     folders = [str(Path(job["output_dir"]) / "final") for job in best.values()]
     limit = ["--max_documents", str(args.eval_max_documents)] if args.eval_max_documents else []
@@ -196,15 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"xz -9e {anchors['xz_-9e']:.3f}."]
     markdown = "\n".join(lines)
     print(markdown)
-    (args.output_root / "comparison.md").write_text(markdown + "\n\nHeld-out curve:\n\n" + _curve_table(curve) + "\n")
+    (args.output_root / "comparison.md").write_text(markdown + "\n\nHeld-out curve:\n\n" + table(curve) + "\n")
     (args.output_root / "comparison.json").write_text(json.dumps(results, indent=2, default=str))
     return results
-
-
-def _curve_table(curve: dict) -> str:
-    from training.eval_context import table
-
-    return table(curve)
 
 
 if __name__ == "__main__":

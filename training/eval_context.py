@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.common import CORPORA  # noqa: E402
 from training.pretrain_clm import EVAL_SEGMENT_LENGTH  # noqa: E402
 from training.lm_eval import (  # noqa: E402
     bootstrap_interval,
@@ -33,7 +34,6 @@ from training.lm_eval import (  # noqa: E402
     score_documents,
 )
 
-CORPORA = ("shakespeare", "news")
 
 
 def load_texts(corpus: str, split: str, seed: int, max_documents: int | None) -> list[str]:
@@ -58,7 +58,7 @@ def describe(folder: Path) -> dict:
             "segment_length": run["segment_length"], "model_name": run.get("model_name", folder.parent.name)}
 
 
-def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> dict[str, object]:
+def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> tuple[str, dict]:
     from transformers import AutoModelForCausalLM
 
     info = describe(folder)

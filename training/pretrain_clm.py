@@ -39,8 +39,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `training` and `hier_transformers` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hier_transformers.recurrence import segment_lm_step  # noqa: E402
 from training.common import RunConfig, byte_level, load_corpus, parse_run_args, train  # noqa: E402
-from training.streams import IGNORE_INDEX, StreamDataset  # noqa: E402
+from training.streams import StreamDataset  # noqa: E402
 
 # Baselines from transformers, trained through the same loop: run-config `model` field -> their config field (no
 # hierarchy fields apply to them). GPT-2 has learned absolute positions; Llama and Mistral RoPE.
@@ -125,10 +126,10 @@ def build_baseline(config: CLMRunConfig, vocab_size: int, special: dict[str, int
     return model_class(model_config)
 
 
-def sum_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy; `labels` are already the targets of each position (-100 = none)."""
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+def sum_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits` [B, L, vocab] against the `targets` [B, L] of each position."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             reduction="sum")
 
 
 class CausalLM:
@@ -180,46 +181,23 @@ class CausalLM:
     # ---- the loss of one micro-batch --------------------------------------------------------------------------------
     def block_loss(self, model, input_ids: torch.Tensor, backward=None) -> tuple[torch.Tensor, int]:
         """A [batch, block_size] block on its own (memory empty at its start): summed loss, number of predictions."""
-        labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], IGNORE_INDEX)], dim=1)
         if self.config.model_type in BASELINE_FIELDS:
-            loss = sum_loss(model(input_ids=input_ids).logits, labels)
-            count = int((labels != IGNORE_INDEX).sum())
+            logits = model(input_ids=input_ids).logits[:, :-1]  # [B, block_size - 1, vocab]: the last predicts nothing
+            loss = sum_loss(logits, input_ids[:, 1:])
+            count = input_ids[:, 1:].numel()
             if backward is not None:
                 backward(loss / count)
             return loss.detach(), count
-        return self.segments_loss(model, input_ids, labels, None, torch.ones_like(input_ids), None, backward)[:2]
-
-    def segments_loss(self, model, input_ids, labels, resets, attention_mask, cache, backward=None):
-        """Segment by segment with the detached cache carried; `resets` [batch, segments] resets rows' memories first.
-        `backward` gets each segment's share of the micro-batch's MEAN loss. -> (loss sum, predictions, cache)."""
-        from hier_transformers import HierarchicalXLCache
-
-        count = int((labels != IGNORE_INDEX).sum())
-        if cache is None:
-            cache = HierarchicalXLCache(getattr(model, "module", model).config)  # DDP-wrapped models too
-        total = torch.zeros((), device=input_ids.device)
-        length = self.config.segment_length
-        for index, start in enumerate(range(0, input_ids.shape[1], length)):
-            if resets is not None and cache.seen is not None and bool(resets[:, index].any()):
-                cache.reset_rows(resets[:, index])
-            columns = slice(start, start + length)
-            logits = model(input_ids=input_ids[:, columns], attention_mask=attention_mask[:, columns], cache=cache,
-                           use_cache=True).logits
-            loss = sum_loss(logits, labels[:, columns])
-            if backward is not None and loss.requires_grad:
-                backward(loss / max(count, 1))
-            total = total + loss.detach()
-            cache = cache.detached()
-        return total, count, cache
+        loss_sum, count, _ = segment_lm_step(model, input_ids, self.config.segment_length, backward=backward)
+        return loss_sum, count
 
     def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
         if not self.config.stream:
             loss_sum, n_tokens = self.block_loss(model, batch["input_ids"], backward)
             return float(loss_sum), int(n_tokens)
-        loss_sum, n_tokens, self.memory = self.segments_loss(model, batch["input_ids"], batch["labels"],
-                                                             batch["resets"], batch["attention_mask"],
-                                                             self.carried_memory(model),
-                                                             backward)
+        loss_sum, n_tokens, self.memory = segment_lm_step(
+            model, batch["input_ids"], self.config.segment_length, cache=self.carried_memory(model), backward=backward,
+            labels=batch["labels"], attention_mask=batch["attention_mask"], resets=batch["resets"])
         return float(loss_sum), n_tokens
 
     def eval_step(self, model, batch: dict, seed: int):
