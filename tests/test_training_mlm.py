@@ -119,3 +119,17 @@ def test_long_document_recipe_and_its_windowed_peer_train_and_score_the_same_mas
     assert "independent 64-token windows" in (ours / "final" / "README.md").read_text()
     with pytest.raises(ValueError, match="init='minilm'"):
         pretrain_mlm.main(cli({**run, "baseline": "minilm-windows", "init": "scratch", "output_dir": tmp_path / "x"}))
+
+
+def test_a_micro_batch_without_masked_tokens_gives_zero_loss_not_nan():
+    from hier_transformers import HierarchicalConfig, HierarchicalForMaskedLM
+    from training_utils import TINY_ENCODER_CONFIG
+
+    objective = pretrain_mlm.MaskedLM(pretrain_mlm.MLMRunConfig())
+    objective.special_ids, objective.mask_token_id, objective.vocab_size, objective.starts = [0], 3, 50, None
+    model = HierarchicalForMaskedLM(HierarchicalConfig(**TINY_ENCODER_CONFIG))
+    batch = {"input_ids": torch.tensor([[5, 6, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 0, 0]])}
+    loss = objective._loss(model, batch, batch["input_ids"], torch.full((1, 4), -100))
+    assert loss.item() == 0.0
+    loss.backward()  # no masked token: no gradient anywhere, and nothing NaN
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

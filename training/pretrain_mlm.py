@@ -155,10 +155,14 @@ class MaskedLM:
         return mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids, self.mask_token_id,
                            self.vocab_size, self.config.mlm_probability, generator, self.starts)
 
-    def _loss(self, model, batch: dict, input_ids: torch.Tensor, labels: torch.Tensor):
-        # the vocabulary projection runs on the masked tokens only (half of a MiniLM-size model's compute otherwise)
-        return model(input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels,
-                     logits_to_keep=labels != -100).loss
+    def _loss(self, model, batch: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the masked tokens; 0 (and no gradient) for a micro-batch with none (a short
+        document can draw no mask). The vocabulary projection runs on the masked tokens only (it is half of a
+        MiniLM-size model's compute otherwise)."""
+        keep = labels != -100
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        nll = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return nll / keep.sum().clamp(min=1)
 
     def train_step(self, model, batch: dict, seed: int, backward) -> tuple[float, int]:
         input_ids, labels = self._masked(batch, seed)
