@@ -101,6 +101,11 @@ METRIC_NAMES = {"loss": "loss (nats per token)", "bits_per_byte": "bits per byte
 BASELINE_SUMMARIES = {
     "bert": "MiniLM-L6 (BERT) fine-tuned on the first 512 tokens of each document: the truncation baseline the "
             "hierarchical models are compared with (finetune_classification.py --baseline truncated-minilm).",
+    "chunked-minilm": "MiniLM-L6 (BERT) fine-tuned over every consecutive 512-token chunk of each document, the "
+                      "document's logits the mean of its chunks' (finetune_classification.py --baseline "
+                      "chunked-minilm). Saved as a plain BERT classifier: one call scores one chunk; average the "
+                      "chunks' logits (training.finetune_classification.ChunkedBertForSequenceClassification) for a "
+                      "document.",
     "gpt2": "A same-size GPT-2 (full attention over each training block, learned absolute positions, no memory) "
             "trained identically to the HierarchicalXL model as its full-attention baseline "
             "(pretrain_clm.py with model_type: gpt2).",
@@ -213,7 +218,8 @@ def build_card(folder: str | os.PathLike, repo_id: str | None = None, pipeline_t
                         f"{summary.get('validation_documents', '?')} evaluation documents"
                         + (f"; {summary['tokens_seen']:,} tokens seen in training." if summary.get("tokens_seen")
                            else "."))
-    summary_text = BASELINE_SUMMARIES.get(config.get("model_type"), task["summary"])
+    summary_text = BASELINE_SUMMARIES.get(run_config.get("baseline"),
+                                          BASELINE_SUMMARIES.get(config.get("model_type"), task["summary"]))
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),

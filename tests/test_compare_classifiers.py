@@ -157,6 +157,7 @@ def test_compare_runs_end_to_end_with_paired_intervals(tmp_path):
     assert bert["architectures"] == ["BertForSequenceClassification"] and bert["num_hidden_layers"] == 1
     assert bert["hidden_dropout_prob"] == 0.0 and bert["attention_probs_dropout_prob"] == 0.0
     assert type(AutoModelForSequenceClassification.from_pretrained(final)).__name__ == "BertForSequenceClassification"
+    assert "mean of its chunks'" in (final / "README.md").read_text()  # the card says what the baseline is
     model = finetune.ChunkedBertForSequenceClassification.from_pretrained(final).eval()
     config, _ = parse_run_args(finetune.FinetuneConfig, ["--config", str(task), "--seed", "1"])
     test = finetune.load_documents(config)[0]["test"]

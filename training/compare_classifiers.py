@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bootstrap-seed", type=int, default=0)
     args, overrides = parser.parse_known_args(argv)
     overrides = overrides[1:] if overrides[:1] == ["--"] else overrides
-    if "mlm-checkpoint" in args.systems and not (args.mlm_checkpoint and (args.mlm_checkpoint / "config.json").is_file()):
+    checkpoint = args.mlm_checkpoint
+    if "mlm-checkpoint" in args.systems and not (checkpoint and (checkpoint / "config.json").is_file()):
         parser.error("--mlm-checkpoint must be a folder with config.json when the systems include mlm-checkpoint "
                      f"(got {args.mlm_checkpoint}); or leave mlm-checkpoint out of --systems")
     if args.parallel < 1 or args.resamples < 1:
@@ -153,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.systems:
         fields = {"init": str(args.mlm_checkpoint)} if name == "mlm-checkpoint" else SYSTEMS[name]
         output_dir = args.output_dir / name
-        command = [sys.executable, str(REPO_ROOT / "training" / "finetune_classification.py"),
-                   "--config", str(args.config), *(item for key, value in fields.items() for item in (f"--{key}", value)),
+        command = [sys.executable, str(REPO_ROOT / "training" / "finetune_classification.py"), "--config",
+                   str(args.config), *(item for key, value in fields.items() for item in (f"--{key}", value)),
                    "--model_name", f"{task.model_name}-{name}", "--output_dir", str(output_dir),
                    "--overwrite_output_dir", "true", "--report_to", "[]", *overrides]
         jobs.append({"name": name, "command": command, "output_dir": str(output_dir),

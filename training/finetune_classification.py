@@ -54,7 +54,8 @@ BASELINES = ("truncated-minilm", "chunked-minilm")
 BASELINE_MAX_LENGTH = 512
 # the baselines take these hierarchical model fields as their BERT config fields, so every system shares a recipe
 BASELINE_MODEL_FIELDS = {"num_hidden_layers": "num_hidden_layers", "hidden_dropout_prob": "hidden_dropout_prob",
-                         "attention_dropout": "attention_probs_dropout_prob", "classifier_dropout": "classifier_dropout"}
+                         "attention_dropout": "attention_probs_dropout_prob",
+                         "classifier_dropout": "classifier_dropout"}
 DATASETS = ("20newsgroups", "news_outlets")
 PREDICTIONS_FILE = "test_predictions.json"
 EVAL_STRATEGIES = ("no", "steps", "epoch")
