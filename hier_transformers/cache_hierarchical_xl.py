@@ -4,7 +4,7 @@ Each decoder layer owns one [`HierarchicalXLCacheLayer`]. It keeps, batch first 
 positions), the *cached slots* of three kinds of keys and values, `[batch, heads, cached_slots(config)[kind], head_dim]`:
 
 - `"tokens"`: the `config.token_memory` most recent tokens (keys rotated at their positions): `local_window - 1`, or
-  `retrieval_window - 1` with retrieval on (a sliding buffer: each update keeps the newest slots);
+  `retrieval_window - 1` with retrieval on;
 - `"patches"`: the most recent completed patch summaries (`config.summary_memory`: `patch_memory`, or with retrieval
   on also every patch that can still be selected);
 - `"sections"` (only with sections): the most recent section summaries (`config.section_memory`);
@@ -12,10 +12,18 @@ positions), the *cached slots* of three kinds of keys and values, `[batch, heads
 plus the online softmax state of the unfinished patch's attention pooling (`pool_max` / `pool_sum` [batch],
 `pool_acc` [batch, hidden], fp32), so its summary is exact when the patch completes.
 
-Which slot holds which position is implied by `seen` (real tokens per row): slot `i` of the token slots is position
-`seen - (local_window - 1) + i` (negative = empty), and likewise for patches and sections. The size stops growing
-once the bounds are reached, however long the stream runs. The attention reads the cached slots with
-`cache_layer.cached(kind)` and stores the next ones with `cache_layer.update(...)`, as `transformers`' caches do.
+Which slot holds which absolute index (token position, patch index, section index) is implied by `seen` (real tokens
+per row), in one of two layouts:
+
+- without retrieval, a *sliding buffer*: slot `i` of `slots` holds the `slots - i`-th newest index (for the tokens,
+  position `seen - (local_window - 1) + i`; negative = empty); each forward replaces it by the newest slots;
+- with retrieval on, a *ring buffer*: index `a` lives in slot `ring_slot(a, slots) = a mod slots`; each forward writes
+  only its new entries, in place, so a decode step moves O(window + top_k * patch_size) keys, not the whole
+  `retrieval_window` (the forward reads the local window and the chosen patches' tokens by index).
+
+The size stops growing once the bounds are reached, however long the stream runs. The attention reads the cached
+slots with `cache_layer.cached(kind)` and stores the next ones with `cache_layer.update(...)`, as `transformers`'
+caches do.
 """
 
 from __future__ import annotations
@@ -55,13 +63,31 @@ def cache_layout(config: HierarchicalXLConfig) -> dict[str, int | None]:
     layout = {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
     if config.retrieval_top_k > 0:
         layout["retrieval_window"] = config.retrieval_window
+        layout["ring_buffer"] = 1  # slot = index mod slots (states saved with the older sliding buffer are refused)
     return layout
 
 
+def window_slots(config: HierarchicalXLConfig) -> dict[str, int]:
+    """Slots per kind that the block-local attention reads from the cache: the local window's tokens and the summary
+    windows (all of `cached_slots` without retrieval; with retrieval the rest of the ring is only read by index)."""
+    slots = {"tokens": config.local_window - 1, "patches": config.patch_memory}
+    if config.section_size is not None:
+        slots["sections"] = config.section_memory
+    return slots
+
+
+def ring_slot(index: torch.Tensor, slots: int) -> torch.Tensor:
+    """The ring-buffer slot of absolute index `index` (any shape, negative = empty) in a kind with `slots` slots."""
+    return index.remainder(slots)
+
+
 def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """states [B, heads, T, d], slots [B, K] (per row) -> [B, heads, K, d]."""
-    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1])
-    return states.gather(2, index)
+    """states [B, heads, T, d], slots [B, ..., K] (per row, optionally per block) -> [B, ..., heads, K, d]. Copies
+    whole rows of `d` values (one index per row, not per value)."""
+    batch, heads, total, dim = states.shape
+    head_rows = torch.arange(batch * heads, device=slots.device).view(batch, *[1] * (slots.dim() - 2), heads, 1)
+    rows = head_rows * total + slots.unsqueeze(-2)  # [B, ..., heads, K]
+    return states.reshape(-1, dim).index_select(0, rows.flatten()).view(*rows.shape, dim)
 
 
 class HierarchicalXLCacheLayer:
@@ -108,12 +134,28 @@ class HierarchicalXLCacheLayer:
         extended: dict[str, tuple[torch.Tensor, torch.Tensor]],
         carry: dict[str, torch.Tensor],
         pooling: dict[str, torch.Tensor],
+        ring_index: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Store the next memory: from the extended (cached + new) keys/values of each kind [B, heads, T, d], the
-        slots `carry[kind]` [B, slots[kind]]; and the pooling state of the patch left unfinished."""
+        """Store the next memory from the extended (cached + new) keys/values of each kind [B, heads, T, d], and the
+        pooling state of the patch left unfinished.
+
+        Sliding buffer (`ring_index` None): the cache becomes the extended slots `carry[kind]` [B, slots[kind]].
+        Ring buffer: the entries of absolute indices `ring_index[kind]` [B, n] (n <= slots, distinct slots) are
+        written in place at their ring slots, from the extended slots `carry[kind]` [B, n] (-1 = keep the entry)."""
         for kind, (keys, values) in extended.items():
-            self.keys[kind] = gather_slots(keys, carry[kind])
-            self.values[kind] = gather_slots(values, carry[kind])
+            if ring_index is None:
+                self.keys[kind] = gather_slots(keys, carry[kind])
+                self.values[kind] = gather_slots(values, carry[kind])
+                continue
+            slots = ring_slot(ring_index[kind], self.slots[kind])  # [B, n]
+            keep = (carry[kind] < 0)[:, None, :, None]
+            for store, states in ((self.keys, keys), (self.values, values)):
+                ring = store[kind]
+                written = torch.where(keep, gather_slots(ring, slots), gather_slots(states, carry[kind].clamp_min(0)))
+                index = slots[:, None, :, None].expand_as(written)
+                # when gradients flow through the ring (no `detached()`), autograd needs the ring it read: a new one
+                write = ring.scatter if ring.requires_grad else ring.scatter_
+                store[kind] = write(2, index, written)
         self.pooling = dict(pooling)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -255,7 +297,8 @@ class HierarchicalXLCache(Cache):
         self.columns, self.seen, self.closed = 0, None, None
 
     def detached(self) -> HierarchicalXLCache:
-        """A copy whose tensors are cut from the autograd graph (truncated BPTT between segments)."""
+        """A copy whose tensors are cut from the autograd graph (truncated BPTT between segments). With retrieval
+        on it shares the ring buffers with this cache (no copy of the retrieval window): continue only the copy."""
         copy = type(self)(self.config)
         copy.load_state_dict({name: tensor.detach() for name, tensor in self.state_dict().items()})
         return copy
@@ -273,7 +316,8 @@ class HierarchicalXLCache(Cache):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore a `state_dict()` (refused with a `ValueError` if it was written for another cache layout)."""
+        """Restore a `state_dict()` (refused with a `ValueError` if it was written for another cache layout). The
+        cache takes the tensors as they are (with retrieval on it writes into them in place)."""
         names = set(self.layout) | {name[len("layout.") :] for name in state if name.startswith("layout.")}
         saved = {name: state.get(f"layout.{name}") for name in names}
         saved = {name: None if value is None or int(value) == -1 else int(value) for name, value in saved.items()}

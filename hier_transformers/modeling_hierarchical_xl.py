@@ -27,7 +27,14 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache_hierarchical_xl import HierarchicalXLCache, HierarchicalXLCacheLayer, cached_slots, gather_slots
+from .cache_hierarchical_xl import (
+    HierarchicalXLCache,
+    HierarchicalXLCacheLayer,
+    cached_slots,
+    gather_slots,
+    ring_slot,
+    window_slots,
+)
 from .configuration_hierarchical_xl import HierarchicalXLConfig
 from .modeling_blocks import (
     AttentionPooling,
@@ -86,31 +93,50 @@ def block_slots(
     return slots, exists & (absolute >= lo) & (absolute < hi)  # [nb, width], [B, nb, block, width]
 
 
+def read_indices(
+    cached: torch.Tensor | None, new: torch.Tensor, first_new: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Keys or values of one kind at absolute indices `index` [B, ..., n]: those before this chunk (`< first_new`
+    [B]) from the ring cache `cached` [B, h, slots, d] (None without a cache), the others from this chunk's `new`
+    [B, h, U, d]. -> [B, ..., h, n, d]; an index held by neither gives some entry (mask it)."""
+    offset = index - first_new.view(-1, *[1] * (index.dim() - 1))
+    states = gather_slots(new, offset.clamp(0, new.shape[2] - 1))
+    if cached is None:
+        return states
+    return torch.where(
+        (offset < 0).unsqueeze(-2).unsqueeze(-1), gather_slots(cached, ring_slot(index, cached.shape[2])), states
+    )
+
+
 @dataclass
 class AttentionPlan:
     """Where each query block finds its keys; computed once per forward and shared by every layer.
 
-    Keys of each kind live in an "extended" sequence per row: the cached slots followed by the slots this chunk
-    creates; slot `i` holds absolute index `base + i` (`base` per row and kind).
+    Keys of each kind live in an "extended" sequence per row: the cached window slots (`window_slots`) followed by
+    the slots this chunk creates; slot `i` holds absolute index `base + i` (`base` per row and kind). With retrieval
+    on, the cache is a ring buffer: the window slots are read from it by absolute index (`memory_index`), the chosen
+    far patches and their tokens too, and only the new entries are written back (`ring_index`).
     """
 
     block: int  # queries per block
     num_blocks: int
     index: torch.Tensor  # [num_blocks * keys_per_block] slots into the concatenated extended keys of all kinds
     mask: torch.Tensor  # [batch * num_blocks, 1, block, keys_per_block] bool, True = may attend
-    cached: dict[str, int]  # cached slots per kind (0 without a cache)
+    cached: dict[str, int]  # cached window slots per kind in the extended sequence (0 without a cache)
     new_slots: dict[str, int]  # slots per kind this chunk creates
-    carry: dict[str, torch.Tensor]  # [batch, cached slots] extended slots that the cache keeps (empty without one)
+    first_new: dict[str, torch.Tensor]  # [batch] absolute index of the first slot this chunk creates, per kind
+    carry: dict[str, torch.Tensor]  # [batch, n] extended slots the cache stores (-1 = keep; empty without a cache)
+    memory_index: dict[str, torch.Tensor] | None  # ring cache: [batch, cached] absolute indices of the cached slots
+    ring_index: dict[str, torch.Tensor] | None  # ring cache: [batch, n] absolute indices of the stored entries
     token_patch_slot: torch.Tensor  # [batch, seq] new-patch slot of each token (spare slot for padding)
     patch_cos: torch.Tensor  # [batch, new patches, head_dim] RoPE of the new patch summaries (at their last token)
     patch_sin: torch.Tensor
     section_members: torch.Tensor | None  # [batch, new sections * section_size] extended patch slots per section
     pool_carry_slot: torch.Tensor  # [batch] new-patch slot of the unfinished patch after this chunk
     # retrieval (None when `retrieval_top_k == 0`, or when no query of the chunk has a selectable patch)
-    select_slots: torch.Tensor | None = None  # [num_blocks, width] extended patch slots a block's queries choose from
+    select_index: torch.Tensor | None = None  # [batch * num_blocks, width] patch indices a block's queries choose from
     select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
-    select_token_offset: torch.Tensor | None = None  # [batch]: patch slot p's first token is token slot p * P + offset
-    window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest token slot outside the query's window
+    window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
 
 
 def build_plan(
@@ -135,7 +161,9 @@ def build_plan(
     if section is not None:
         new_slots["sections"] = -(-(new_patches - 1) // section)
     cache_slots = cached_slots(config) if with_cache else {}
-    cached = {kind: cache_slots.get(kind, 0) for kind in new_slots}
+    ring = with_cache and config.retrieval_top_k > 0
+    window = window_slots(config) if with_cache else {}
+    cached = {kind: window.get(kind, 0) for kind in new_slots}
     # absolute index of extended slot 0, and the end (exclusive) of what exists once the chunk is processed
     start = {"tokens": seen, "patches": now["patches"][1]}
     end = {"tokens": seen + num_real, "patches": after["patches"][1]}
@@ -159,22 +187,32 @@ def build_plan(
     mask[..., 0] |= ~mask.any(dim=-1)  # padding queries that see nothing look at one key (never NaN)
 
     selection = {}
-    if config.retrieval_top_k > 0:
-        total = cached["patches"] + new_patches
-        found = block_slots(*query_ranges["selectable"], base["patches"], total, end["patches"], block, padded)
+    if config.retrieval_top_k > 0:  # candidates: the whole patch ring (every selectable patch is in it), then the new
+        ring_patches = cache_slots.get("patches", 0)
+        first = start["patches"] - ring_patches
+        found = block_slots(
+            *query_ranges["selectable"], first, ring_patches + new_patches, end["patches"], block, padded
+        )
         if found is not None:
             padded_positions = nn.functional.pad(positions, (0, padded - length), mode="replicate")
-            window_last = padded_positions - config.local_window - base["tokens"][:, None]  # [B, nb * block]
             selection = dict(
-                select_slots=found[0],
+                select_index=(first[:, None, None] + found[0]).flatten(0, 1),
                 select_mask=found[1].view(batch * num_blocks, block, -1),
-                select_token_offset=base["patches"] * patch - base["tokens"],
-                window_last=window_last.view(batch * num_blocks, block),
+                window_last=(padded_positions - config.local_window).view(batch * num_blocks, block),
             )
 
     # without a cache nothing is carried: no allocation may depend on the (possibly huge) memory bounds
-    carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(slots, device=device)
-             for kind, slots in cache_slots.items()}
+    memory_index = ring_index = None
+    if ring:  # only the new entries (the newest `slots` of them), each at its own ring slot
+        count = {kind: min(slots, new_slots[kind]) for kind, slots in cache_slots.items()}
+        ring_index = {kind: end[kind][:, None] - count[kind] + torch.arange(count[kind], device=device)
+                      for kind in cache_slots}
+        carry = {kind: torch.where(index >= start[kind][:, None], index - base[kind][:, None], -1)
+                 for kind, index in ring_index.items()}
+        memory_index = {kind: base[kind][:, None] + torch.arange(cached[kind], device=device) for kind in cache_slots}
+    else:
+        carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(slots, device=device)
+                 for kind, slots in cache_slots.items()}
     patch_index = start["patches"][:, None] + torch.arange(new_patches, device=device)  # [B, U]
     patch_cos, patch_sin = rotary((patch_index + 1) * patch - 1, dtype)
     section_members = None
@@ -192,7 +230,10 @@ def build_plan(
         mask=mask.view(batch * num_blocks, 1, block, -1),
         cached=cached,
         new_slots=new_slots,
+        first_new=start,
         carry=carry,
+        memory_index=memory_index,
+        ring_index=ring_index,
         token_patch_slot=torch.where(is_real, token_patch_slot, new_patches),
         patch_cos=patch_cos,
         patch_sin=patch_sin,
@@ -267,13 +308,13 @@ class HierarchicalXLAttention(MultiHeadAttention):
         pooled, pooling = self.pool_patches(hidden_states, plan, cache_layer.pooling if cache_layer else None)
         patch_keys = apply_rotary(self.split_heads(self.k_proj(pooled)), plan.patch_cos, plan.patch_sin)
         new = {"tokens": (key, value), "patches": (patch_keys, self.split_heads(self.v_proj(pooled)))}
-        extended = {kind: self.extend(pair, cache_layer, kind) for kind, pair in new.items()}  # cached + new slots
+        extended = {kind: self.extend(pair, cache_layer, kind, plan) for kind, pair in new.items()}  # cached + new
         if plan.section_members is not None:  # a section is the mean of its patch summaries, cached ones included
             sections = tuple(
                 gather_slots(states, plan.section_members).unflatten(2, (plan.new_slots["sections"], -1)).mean(3)
                 for states in extended["patches"]
             )  # [B, h, V, d] each
-            extended["sections"] = self.extend(sections, cache_layer, "sections")
+            extended["sections"] = self.extend(sections, cache_layer, "sections", plan)
 
         all_keys = torch.cat([extended[kind][0] for kind in plan.new_slots], dim=2)  # [B, h, T, d]
         all_values = torch.cat([extended[kind][1] for kind in plan.new_slots], dim=2)
@@ -281,57 +322,81 @@ class HierarchicalXLAttention(MultiHeadAttention):
         block_keys = self.to_blocks(all_keys.index_select(2, plan.index), plan)
         block_values = self.to_blocks(all_values.index_select(2, plan.index), plan)
         if self.config.retrieval_top_k > 0:
-            retrieved_keys, retrieved_values, retrieved_mask = self.retrieve(query, extended, plan)
+            retrieved_keys, retrieved_values, retrieved_mask = self.retrieve(query, new, cache_layer, plan)
             output = self.attend_with_retrieval(
                 query, block_keys, block_values, plan.mask, retrieved_keys, retrieved_values, retrieved_mask
             )
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
-            cache_layer.update(extended, plan.carry, pooling)
+            cache_layer.update(extended, plan.carry, pooling, plan.ring_index)
         return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
 
     @torch.no_grad()
     def select_patches(
-        self, query: torch.Tensor, patch_keys: torch.Tensor, plan: AttentionPlan
+        self, query: torch.Tensor, ring_keys: torch.Tensor | None, new_keys: torch.Tensor, plan: AttentionPlan
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each query's `retrieval_top_k` selectable patches with the highest summary score (the summary attention
-        logit, averaged over the heads); ties go to the older patch (stable sort over slots in position order).
+        logit, averaged over the heads); ties go to the older patch, so the choice is deterministic.
 
-        query [B * nb, h, block, d], extended patch keys [B, h, Tp, d] -> chosen extended patch slots, whether each
-        choice is a real one (fewer may be selectable), both [B * nb, block, k], and the sorted scores
-        [B * nb, block, width] (-inf = not selectable)."""
-        candidates = self.to_blocks(patch_keys.index_select(2, plan.select_slots.flatten()), plan)  # [B*nb, h, w, d]
-        scores = torch.einsum("nhqd,nhwd->nqw", query.float(), candidates.float()) / self.num_heads  # [B*nb, q, w]
-        scores = scores.masked_fill(~plan.select_mask, float("-inf"))
-        ranked, order = scores.sort(dim=-1, descending=True, stable=True)
-        top_k = min(self.config.retrieval_top_k, scores.shape[-1])
-        slots = plan.select_slots.repeat(query.shape[0] // plan.num_blocks, 1)  # [B * nb, width]
-        chosen = slots.gather(1, order[..., :top_k].flatten(1)).view(*order.shape[:2], top_k)
-        return chosen, ranked[..., :top_k] > float("-inf"), ranked
+        query [B * nb, h, block, d]; the patch summary keys of the ring cache [B, h, slots, d] (None without a cache)
+        and of this chunk [B, h, U, d]. Each is scored whole against the queries (one pass over the ring, no gather of
+        keys), then each candidate of `plan.select_index` takes its score. -> chosen patch indices (in index order)
+        and whether each choice is a real one (fewer may be selectable), both [B * nb, block, k], and the k + 1 best
+        scores [B * nb, block, k + 1] (descending, -inf = not selectable; k + 1 only while that many candidates)."""
+        batch, heads, _, dim = new_keys.shape
+        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).transpose(1, 2).flatten(2, 3)
+
+        def scores(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # keys [B, h, T, d] -> [B * nb, q, w]
+            logits = torch.matmul(query, keys.float().transpose(2, 3)).sum(1) / heads  # [B, nb * q, T]
+            logits = logits.view(batch * plan.num_blocks, plan.block, -1)
+            return logits.gather(2, slots[:, None, :].expand(-1, plan.block, -1))
+
+        offset = plan.select_index - plan.first_new["patches"].repeat_interleave(plan.num_blocks)[:, None]
+        score = scores(new_keys, offset.clamp(0, new_keys.shape[2] - 1))
+        if ring_keys is not None:
+            from_ring = scores(ring_keys, ring_slot(plan.select_index, ring_keys.shape[2]))
+            score = torch.where((offset < 0)[:, None], from_ring, score)
+        score = score.masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
+        width = score.shape[-1]
+        top_k = min(self.config.retrieval_top_k, width)
+        best = score.topk(min(top_k + 1, width), dim=-1).values  # [B * nb, q, k + 1], descending
+        threshold = best[..., top_k - 1 : top_k]
+        above, tied = score > threshold, score == threshold
+        picked = above | (tied & (tied.cumsum(-1) <= top_k - above.sum(-1, keepdim=True)))  # exactly k, oldest ties
+        rank = torch.where(picked, picked.cumsum(-1) - 1, top_k)  # place among the chosen; spare place k otherwise
+        spots = torch.arange(width, device=score.device).expand_as(rank)
+        spots = spots.new_zeros(*rank.shape[:2], top_k + 1).scatter_(2, rank, spots)[..., :top_k]  # [B * nb, q, k]
+        chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
+        return chosen, score.gather(2, spots) > float("-inf"), best
 
     def retrieve(
-        self, query: torch.Tensor, extended: dict[str, tuple[torch.Tensor, torch.Tensor]], plan: AttentionPlan
+        self,
+        query: torch.Tensor,
+        new: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        cache_layer: HierarchicalXLCacheLayer | None,
+        plan: AttentionPlan,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tokens of each query's selected patches that lie outside its window: keys and values
-        [B * nb, h, block, k * patch_size, d] and which of them it attends to [B * nb, 1, block, k * patch_size]."""
-        token_keys, token_values = extended["tokens"]  # [B, h, Tt, d]
-        batch, heads, total, dim = token_keys.shape
-        if plan.select_slots is None:  # no query of this chunk has a selectable patch yet
+        [B * nb, h, block, k * patch_size, d] and which of them it attends to [B * nb, 1, block, k * patch_size].
+        Reads the patch summary keys once and, by index, only the chosen tokens (from the ring cache or this chunk)."""
+        batch, heads, _, dim = new["tokens"][0].shape
+        if plan.select_index is None:  # no query of this chunk has a selectable patch yet
             empty = query.new_zeros(*query.shape[:3], 0, dim)
             return empty, empty, torch.zeros(query.shape[0], 1, query.shape[2], 0, dtype=torch.bool, device=query.device)
-        chosen, real, _ = self.select_patches(query, extended["patches"][0], plan)  # [B * nb, block, k]
+        ring = cache_layer.cached("patches")[0] if cache_layer is not None else None
+        chosen, real, _ = self.select_patches(query, ring, new["patches"][0], plan)  # [B * nb, q, k]
         patch = self.config.patch_size
-        first = chosen * patch + plan.select_token_offset.repeat_interleave(plan.num_blocks)[:, None, None]
-        members = first[..., None] + torch.arange(patch, device=first.device)  # [B * nb, block, k, P]
+        members = chosen[..., None] * patch + torch.arange(patch, device=chosen.device)  # [B * nb, q, k, P] positions
         attended = real[..., None] & (members <= plan.window_last[..., None, None])  # the window's are already in
-        members = members.clamp(0, total - 1).view(batch, -1)  # [B, nb * block * k * P]
+        members = members.view(batch, plan.num_blocks, -1)  # [B, nb, q * k * P]
 
-        def gather(states: torch.Tensor) -> torch.Tensor:  # [B, h, Tt, d] -> [B * nb, h, block, k * P, d]
-            picked = gather_slots(states, members).view(batch, heads, plan.num_blocks, plan.block, -1, dim)
-            return picked.transpose(1, 2).reshape(batch * plan.num_blocks, heads, plan.block, -1, dim)
+        def read(part: int) -> torch.Tensor:  # -> [B * nb, h, q, k * P, d]
+            cached = cache_layer.cached("tokens")[part] if cache_layer is not None else None
+            states = read_indices(cached, new["tokens"][part], plan.first_new["tokens"], members)  # [B, nb, h, n, d]
+            return states.view(batch * plan.num_blocks, heads, plan.block, -1, dim)
 
-        return gather(token_keys), gather(token_values), attended.flatten(2)[:, None]
+        return read(0), read(1), attended.flatten(2)[:, None]
 
     def attend_with_retrieval(
         self,
@@ -358,12 +423,20 @@ class HierarchicalXLAttention(MultiHeadAttention):
 
     @staticmethod
     def extend(
-        new: tuple[torch.Tensor, torch.Tensor], cache_layer: HierarchicalXLCacheLayer | None, kind: str
+        new: tuple[torch.Tensor, torch.Tensor],
+        cache_layer: HierarchicalXLCacheLayer | None,
+        kind: str,
+        plan: AttentionPlan,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) [B, h, new, d] -> the cached slots of `kind` followed by the new ones [B, h, T, d]."""
+        """(keys, values) [B, h, new, d] -> the cached window slots of `kind` followed by the new ones [B, h, T, d]
+        (a sliding cache is its window; a ring cache's window slots are read by index)."""
         if cache_layer is None:
             return new
-        return tuple(torch.cat([cached, states], 2) for cached, states in zip(cache_layer.cached(kind), new))
+        cached = cache_layer.cached(kind)
+        if plan.memory_index is not None:
+            slots = ring_slot(plan.memory_index[kind], cached[0].shape[2])
+            cached = tuple(gather_slots(states, slots) for states in cached)
+        return tuple(torch.cat([states_cached, states], 2) for states_cached, states in zip(cached, new))
 
     def to_blocks(self, states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """[B, h, num_blocks * n, d] -> [B * num_blocks, h, n, d]."""

@@ -35,15 +35,15 @@ def margins(monkeypatch):
     gaps = []
     select = HierarchicalXLAttention.select_patches
 
-    def recording(self, query, patch_keys, plan):
-        chosen, real, ranked = select(self, query, patch_keys, plan)
+    def recording(self, query, *keys_and_plan):
+        chosen, real, best = select(self, query, *keys_and_plan)
         k = self.config.retrieval_top_k
-        if ranked.shape[-1] > k:
-            gap = ranked[..., k - 1] - ranked[..., k]  # nan/inf where fewer than k + 1 are selectable
+        if best.shape[-1] > k:
+            gap = best[..., k - 1] - best[..., k]  # nan/inf where fewer than k + 1 are selectable
             is_query = query.abs().sum(dim=(1, 3)) > 0  # [N, block]: the block padding has zero queries
             gap = torch.where(torch.isfinite(gap) & is_query, gap, float("inf"))
             gaps.append(gap.min())
-        return chosen, real, ranked
+        return chosen, real, best
 
     monkeypatch.setattr(HierarchicalXLAttention, "select_patches", recording)
     return gaps
@@ -155,6 +155,40 @@ def test_cache_bytes_are_fixed_by_the_config_over_a_long_generation():
     assert output.cache.nbytes() == size and output.cache.seen.item() > 600
 
 
+def test_decode_step_writes_the_ring_in_place_and_touches_one_token_slot():
+    """The retrieval-window memory is a ring buffer written in place: a decode step keeps every cached tensor (same
+    storage) and changes exactly one token slot per row and layer (slot = position mod slots), however large the
+    retrieval window: no O(retrieval_window) copy per token."""
+    model = tiny_model(retrieval_window=64)
+    input_ids = torch.randint(4, 40, (2, 101))
+    with torch.no_grad():
+        cache = model(input_ids[:, :100], use_cache=True).cache
+        before = {name: (tensor.data_ptr(), tensor.clone()) for name, tensor in cache.state_dict().items()
+                  if name.endswith((".keys", ".values"))}
+        model(input_ids[:, 100:], cache=cache, use_cache=True)
+    after = cache.state_dict()
+    slots = model.config.token_memory
+    for name, (pointer, old) in before.items():
+        assert after[name].data_ptr() == pointer, name
+        changed = (after[name] != old).any(dim=(1, 3))  # [B, slots]: the slots this step wrote
+        if ".tokens." in name:
+            assert changed.sum(1).tolist() == [1, 1] and changed[:, 100 % slots].all(), name
+        else:  # position 100 completes no patch (patch_size 4: patch 24 ends at 99, done in the prefill)
+            assert not changed.any(), name
+
+
+def test_gradients_flow_across_segments_through_the_ring_without_detaching():
+    """Without `detached()` between segments, the second segment's loss reaches the first segment's inputs through
+    the ring (which autograd still needs: it is then written out of place)."""
+    model = tiny_model()
+    embeds = model.model.embed_tokens(torch.randint(4, 40, (1, 30))).detach().requires_grad_(True)
+    cache = HierarchicalXLCache(model.config)
+    first = model(inputs_embeds=embeds[:, :20], cache=cache, use_cache=True).logits
+    second = model(inputs_embeds=embeds[:, 20:], cache=cache, use_cache=True).logits
+    (grad,) = torch.autograd.grad(second.sum(), embeds, retain_graph=True)
+    assert grad[:, :20].abs().max() > 0 and first.requires_grad
+
+
 def test_cache_state_round_trips_and_layout_is_checked(tmp_path):
     model = tiny_model()
     input_ids = torch.randint(4, 40, (2, 50))
@@ -170,6 +204,10 @@ def test_cache_state_round_trips_and_layout_is_checked(tmp_path):
         other(input_ids, cache=HierarchicalXLCache(model.config))
     with pytest.raises(ValueError, match="retrieval_window"):
         HierarchicalXLCache(other.config).load_state_dict(load_file(tmp_path / "c.safetensors"))
+    sliding = load_file(tmp_path / "c.safetensors")  # a state of the older sliding-buffer layout: refused by name
+    del sliding["layout.ring_buffer"]
+    with pytest.raises(ValueError, match="ring_buffer"):
+        HierarchicalXLCache(model.config).load_state_dict(sliding)
 
 
 def test_save_load_and_remote_code_keep_retrieval(tmp_path):
