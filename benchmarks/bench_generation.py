@@ -4,6 +4,9 @@ Models (byte-level vocabulary, same width and depth, randomly initialised):
 - ``hierarchical_xl`` (ours): `HierarchicalXLForCausalLM`; the context is prefilled for real, segment by
   segment through ``model(input_ids=segment, cache=cache)``, so its `HierarchicalXLCache` is what a real
   stream would hold.
+- ``hierarchical_xl_retrieval`` (ours with coarse-to-fine retrieval, docs/retrieval.md): the same model with
+  `--retrieval-config` (default: top 4 patches out of a 64k-token retrieval window, held in a ring buffer),
+  prefilled for real the same way.
 - ``gpt2`` (full KV cache, ``n_positions`` grown to the context), ``llama`` (full KV cache,
   `DynamicCache`), ``mistral`` (sliding window `--sliding-window`, 4096).
   Peers' caches are filled by ``--peer-prefill``: ``real`` (chunked prefill, exact) or ``synthetic``
@@ -20,10 +23,10 @@ Training throughput: tokens/s of one training step (forward with labels, backwar
     python benchmarks/bench_generation.py --quick
     python benchmarks/bench_generation.py --device cuda --dtype bf16
 
-Rows with coarse-to-fine retrieval on (docs/retrieval.md): the same command with the retrieval fields of ours, e.g.
+Only the decode rows, keeping the training records of the last run (about 6 minutes on one idle core, most of it the
+real 64k prefill with retrieval):
 
-    python benchmarks/bench_generation.py --models hierarchical_xl --contexts 4096 65536 --no-train \
-        --ours-config retrieval_top_k=4 retrieval_window=65536 --suffix _retrieval
+    python benchmarks/bench_generation.py --no-train --append
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ from harness import (
 from bench_encoder import parse_overrides, zero_dropout
 
 OURS = "hierarchical_xl"
+OURS_RETRIEVAL = "hierarchical_xl_retrieval"
+OURS_MODELS = (OURS, OURS_RETRIEVAL)
 PEERS = ("gpt2", "llama", "mistral")
 LABELS = {
     OURS: "hierarchical-XL (ours)",
+    OURS_RETRIEVAL: "hierarchical-XL + retrieval (ours)",
     "gpt2": "GPT-2 (full cache)",
     "llama": "Llama (full cache)",
     "mistral": "Mistral (sliding window)",
@@ -82,12 +88,13 @@ def build_model(spec: dict, positions: int):
     hidden, layers, heads, ffn = spec["hidden_size"], spec["num_layers"], spec["num_heads"], spec["intermediate_size"]
     vocab, name = spec["vocab_size"], spec["model"]
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if name == OURS:
+    if name in OURS_MODELS:
         (HierarchicalXLConfig,) = import_ours("configuration_hierarchical_xl", "HierarchicalXLConfig")
         (HierarchicalXLForCausalLM,) = import_ours("modeling_hierarchical_xl", "HierarchicalXLForCausalLM")
+        fields = spec["ours_config"] | (spec["retrieval_config"] if name == OURS_RETRIEVAL else {})
         config = HierarchicalXLConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=ffn, **spec["ours_config"],
+            intermediate_size=ffn, **fields,
         )
         zero_dropout(config)
         config._attn_implementation = "sdpa"
@@ -101,7 +108,7 @@ def build_model(spec: dict, positions: int):
         config = LlamaConfig(**kwargs) if name == "llama" else MistralConfig(**kwargs,
                                                                             sliding_window=spec["sliding_window"])
     else:
-        raise ValueError(f"unknown model {name!r}; choose from {(OURS, *PEERS)}")
+        raise ValueError(f"unknown model {name!r}; choose from {(*OURS_MODELS, *PEERS)}")
     zero_dropout(config)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
@@ -150,7 +157,7 @@ def decode_worker(spec: dict, model, record: dict) -> None:
     with torch.no_grad():
         start = time.perf_counter()
         cache = None
-        if spec["model"] != OURS and spec["peer_prefill"] == "synthetic":
+        if spec["model"] not in OURS_MODELS and spec["peer_prefill"] == "synthetic":
             cache = synthetic_cache(model, context, dtype, device)
             next_token = tokens[:, -1:]
         else:
@@ -246,24 +253,31 @@ def summarise(records: list[dict], contexts: list[int]) -> dict:
     summary: dict = {"slopes": {}, "ratios": {}, "checks": {}}
     long_contexts = [c for c in contexts if c >= 4096]
     for key, label in (("median_s", "latency"), ("cache_bytes", "cache_bytes")):
-        for model in (OURS, *PEERS):
+        for model in (*OURS_MODELS, *PEERS):
             slope = loglog_slope([(c, value(model, c, "decode", key)) for c in long_contexts])
             summary["slopes"][f"{model}_{label}"] = None if slope is None else round(slope, 3)
     for context in contexts:
-        for peer in PEERS:
-            for key, label in (("median_s", "latency_speedup"), ("cache_bytes", "cache_ratio")):
-                ours, theirs = value(OURS, context, "decode", key), value(peer, context, "decode", key)
-                if ours and theirs:
-                    summary["ratios"][f"{label}_vs_{peer}@{context}"] = round(theirs / ours, 2)
+        for model, prefix in ((OURS, ""), (OURS_RETRIEVAL, "retrieval_")):
+            for peer in PEERS:
+                for key, label in (("median_s", "latency_speedup"), ("cache_bytes", "cache_ratio")):
+                    ours, theirs = value(model, context, "decode", key), value(peer, context, "decode", key)
+                    if ours and theirs:
+                        summary["ratios"][f"{prefix}{label}_vs_{peer}@{context}"] = round(theirs / ours, 2)
+    first, last = min(long_contexts, default=None), max(long_contexts, default=None)
+    for model in OURS_MODELS:  # the plain ratio too: time per token at the longest context / at 4k
+        low, high = value(model, first, "decode", "median_s"), value(model, last, "decode", "median_s")
+        if low and high and last > first:
+            summary["ratios"][f"{model}_latency@{last}/@{first}"] = round(high / low, 3)
     train = {m: value(m, length, "train", "tokens_per_s") for (m, length, mode) in index if mode == "train"}
     if train.get(OURS) and train.get("gpt2"):
         summary["ratios"]["train_throughput_vs_gpt2"] = round(train[OURS] / train["gpt2"], 2)
     span = f"4k..{format_length(max(contexts))}"
     checks = summary["checks"]
-    for label in ("latency", "cache_bytes"):
-        slope = summary["slopes"].get(f"{OURS}_{label}")
-        checks[f"our per-token {label} log-log slope ({span}) <= {TARGET_SLOPE}"] = (
-            None if slope is None else slope <= TARGET_SLOPE)
+    for model, which in ((OURS, "our"), (OURS_RETRIEVAL, "our (retrieval on)")):
+        for label in ("latency", "cache_bytes"):
+            slope = summary["slopes"].get(f"{model}_{label}")
+            checks[f"{which} per-token {label} log-log slope ({span}) <= {TARGET_SLOPE}"] = (
+                None if slope is None else slope <= TARGET_SLOPE)
     speed = summary["ratios"].get(f"latency_speedup_vs_gpt2@{TARGET_CONTEXT}")
     checks[f"per-token latency >= {TARGET_LATENCY_SPEEDUP:g}x faster than GPT-2 @16k"] = (
         None if speed is None else speed >= TARGET_LATENCY_SPEEDUP)
@@ -282,14 +296,15 @@ def write_reports(records: list[dict], summary: dict, args, settings: dict) -> P
     stem.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "summary": summary, "records": records}, indent=1))
     index = {(r["model"], r["length"], r["mode"]): r for r in records}
-    models = [m for m in (OURS, *PEERS) if m in args.models]
+    models = [m for m in (*OURS_MODELS, *PEERS) if m in args.models]
     size = f"hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab {args.vocab_size}"
     env = settings["environment"]
     lines = [f"# Generation benchmark ({args.device}, {args.dtype}, batch 1; {size})", "",
              f"torch {env['torch']}, transformers {env['transformers']}, "
              f"{env.get('gpu', f'{args.threads} CPU thread(s)')}. Peer caches: {args.peer_prefill} prefill; ours: "
              f"real prefill in segments of {args.prefill_chunk}. Latency: median of {args.decode_steps} greedy "
-             "steps. Cache: bytes of every tensor the cache holds after the steps."]
+             "steps. Cache: bytes of every tensor the cache holds after the steps. Retrieval: "
+             f"{' '.join(getattr(args, 'retrieval_config', []))}."]
     for key, what, formatter in (("median_s", "per-token decode latency", format_seconds),
                                  ("cache_bytes", "cache size", format_bytes)):
         header = ["context", *[LABELS[m] for m in models]]
@@ -297,10 +312,14 @@ def write_reports(records: list[dict], summary: dict, args, settings: dict) -> P
                 for c in args.contexts]
         lines += ["", f"## {what.capitalize()}", "", markdown_table(header, rows)]
     header = ["context", *[f"{LABELS[p]}: latency / cache" for p in PEERS if p in models]]
-    rows = [[format_length(c), *[" / ".join(
-        "-" if summary["ratios"].get(f"{k}_vs_{p}@{c}") is None else f"{summary['ratios'][f'{k}_vs_{p}@{c}']}x"
-        for k in ("latency_speedup", "cache_ratio")) for p in PEERS if p in models]] for c in args.contexts]
-    lines += ["", "## Peer / ours (above 1 = ours faster / smaller)", "", markdown_table(header, rows)]
+    for model, prefix in ((OURS, ""), (OURS_RETRIEVAL, "retrieval_")):
+        if model not in models:
+            continue
+        rows = [[format_length(c), *[" / ".join(
+            "-" if (ratio := summary["ratios"].get(f"{prefix}{k}_vs_{p}@{c}")) is None else f"{ratio}x"
+            for k in ("latency_speedup", "cache_ratio")) for p in PEERS if p in models]] for c in args.contexts]
+        lines += ["", f"## Peer / {LABELS[model]} (above 1 = ours faster / smaller)", "",
+                  markdown_table(header, rows)]
     train_rows = []
     for model in (OURS, "gpt2"):
         record = index.get((model, args.train_length, "train"))
@@ -311,8 +330,10 @@ def write_reports(records: list[dict], summary: dict, args, settings: dict) -> P
     if train_rows:
         lines += ["", f"## Training step at {format_length(args.train_length)} tokens (fwd + bwd + AdamW)", "",
                   markdown_table(["model", "step time", "tokens/s", "peak memory"], train_rows)]
+    plain = {k: v for k, v in summary["ratios"].items() if "/@" in k}
     lines += ["", "## Targets", "", "Slopes (log-log, contexts >= 4k): "
-              + ", ".join(f"{k} {v}" for k, v in summary["slopes"].items()), ""]
+              + ", ".join(f"{k} {v}" for k, v in summary["slopes"].items())
+              + "".join(f"; {k} {v}" for k, v in plain.items()), ""]
     for name, met in summary["checks"].items():
         lines.append(f"- {name}: {'met' if met else 'NOT met' if met is False else 'not measured'}")
     failures = [r for r in records if r.get("status") != "ok"]
@@ -337,7 +358,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                         help="fp32 on cpu, bf16 on cuda by default")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 1k 4k 16k 64k")
-    parser.add_argument("--models", nargs="+", default=[OURS, *PEERS], choices=[OURS, *PEERS])
+    parser.add_argument("--models", nargs="+", default=[*OURS_MODELS, *PEERS], choices=[*OURS_MODELS, *PEERS])
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
@@ -346,6 +367,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sliding-window", type=int, default=4096, help="Mistral's window")
     parser.add_argument("--ours-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra HierarchicalXLConfig fields (JSON values)")
+    parser.add_argument("--retrieval-config", nargs="*", default=["retrieval_top_k=4", "retrieval_window=65536"],
+                        metavar="KEY=VALUE", help=f"the retrieval fields of {OURS_RETRIEVAL} (on top of --ours-config)")
     parser.add_argument("--peer-prefill", choices=("real", "synthetic"), default=None)
     parser.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill call")
     parser.add_argument("--decode-steps", type=int, default=32)
@@ -364,7 +387,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="one process per (model, context) [cpu default] or per model [cuda default]")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
     parser.add_argument("--append", action="store_true",
-                        help="keep the records of the modes not measured now from the existing JSON")
+                        help="keep the records of the (model, mode) pairs not measured now from the existing JSON")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the markdown and PNG from the existing JSON (measures nothing)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -396,16 +419,19 @@ def main(argv: list[str]) -> None:
         device=args.device, dtype=args.dtype, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
         num_layers=args.num_layers, num_heads=args.num_heads, intermediate_size=args.intermediate_size,
         sliding_window=args.sliding_window, ours_config=parse_overrides(args.ours_config),
+        retrieval_config=parse_overrides(args.retrieval_config),
         peer_prefill=args.peer_prefill, prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
         threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s,
     )
-    models = [m for m in (OURS, *PEERS) if m in args.models]
+    models = [m for m in (*OURS_MODELS, *PEERS) if m in args.models]
+    trained = [m for m in (OURS, "gpt2") if m in models]
     settings = dict(vars(args), environment=environment_info(args.device))
     records: list[dict] = []
-    measured = {mode for mode, skipped in (("decode", args.no_decode), ("train", args.no_train)) if not skipped}
+    measured = {(m, "decode") for m in models if not args.no_decode}
+    measured |= {(m, "train") for m in trained if not args.no_train}
     previous = Path(args.out_dir) / f"generation_{args.device}{args.suffix}.json"
     if args.append and previous.exists():
-        records = [r for r in json.loads(previous.read_text())["records"] if r["mode"] not in measured]
+        records = [r for r in json.loads(previous.read_text())["records"] if (r["model"], r["mode"]) not in measured]
 
     def report(new: list[dict]) -> Path:
         return write_reports(records + new, summarise(records + new, args.contexts), args, settings)
@@ -414,7 +440,6 @@ def main(argv: list[str]) -> None:
         records += run_all_cases(Path(__file__), {**common, "modes": ["decode"]}, models, args.contexts, args,
                                  report, "generation")
     if not args.no_train:
-        trained = [m for m in (OURS, "gpt2") if m in models]
         records += run_all_cases(Path(__file__), {**common, "modes": ["train"]}, trained, [args.train_length],
                                  args, report, "training")
     stem = report([])  # every record is in `records` now
