@@ -117,6 +117,9 @@ def test_long_document_recipe_and_its_windowed_peer_train_and_score_the_same_mas
     assert result["difference"]["accuracy"] == pytest.approx(
         result["hierarchical"]["accuracy"] - result["windows"]["accuracy"], abs=1e-9)
     assert "independent 64-token windows" in (ours / "final" / "README.md").read_text()
+    itself = eval_mlm.evaluate_folders(ours / "final", against=ours / "final")  # the same model: exactly no difference
+    assert itself["difference_against"] == {"accuracy": 0.0, "ci95": [0.0, 0.0]}
+    assert itself["against"]["accuracy"] == result["hierarchical"]["accuracy"]
     with pytest.raises(ValueError, match="init='minilm'"):
         pretrain_mlm.main(cli({**run, "baseline": "minilm-windows", "init": "scratch", "output_dir": tmp_path / "x"}))
 

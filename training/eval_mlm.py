@@ -1,6 +1,7 @@
 """Held-out masked-token accuracy on whole documents, beside MiniLM reading the same documents in 512-token windows.
 
     python training/eval_mlm.py runs/mlm_long_minilm/final --windows runs/mlm_long_windows/final --update-card
+    python training/eval_mlm.py runs/mlm_long_minilm/final --against runs/mlm_long_minilm_topdown_none/final
 
 Every validation document of the run's corpus is laid out as the hierarchical model reads it (the run's layout,
 patch/section sizes and ``max_length``) and masked once, with the run's masking and a seed per document. The
@@ -95,9 +96,11 @@ def accuracy_with_interval(correct: np.ndarray, total: np.ndarray, draws: np.nda
 
 
 def evaluate_folders(folder: str | Path, windows: str | Path | None = None, max_documents: int | None = None,
-                     update_card: bool = False, output: str | Path | None = None) -> dict:
-    """Score the checkpoint in ``folder`` (hierarchical, or a windowed BERT run) and, with ``windows``, the windowed
-    peer on the same masked documents. Returns the result dict (also written to ``output`` / the card)."""
+                     update_card: bool = False, output: str | Path | None = None,
+                     against: str | Path | None = None) -> dict:
+    """Score the checkpoint in ``folder`` (hierarchical, or a windowed BERT run) and, on the same masked documents,
+    the windowed peer ``windows`` and another hierarchical checkpoint ``against`` (e.g. another layout), each with its
+    paired difference from ``folder``. Returns the result dict (also written to ``output`` / the card)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     folder = Path(folder)
@@ -111,6 +114,8 @@ def evaluate_folders(folder: str | Path, windows: str | Path | None = None, max_
         systems["windows"] = (AutoModelForMaskedLM.from_pretrained(folder), config.window)
     if windows is not None:
         systems["windows"] = (AutoModelForMaskedLM.from_pretrained(windows), run_config_of(Path(windows)).window)
+    if against is not None:
+        systems["against"] = (AutoModelForMaskedLM.from_pretrained(against, trust_remote_code=True), None)
     total = np.array([int((document["labels"] != -100).sum()) for document in documents])
     correct = {}
     with torch.inference_mode():
@@ -125,11 +130,14 @@ def evaluate_folders(folder: str | Path, windows: str | Path | None = None, max_
     result = {"documents": len(documents), "masked_tokens": int(total.sum()), "masking": config.masking,
               "window": next((window for _, window in systems.values() if window), None)}
     result.update({name: accuracy_with_interval(hits, total, draws) for name, hits in correct.items()})
-    if len(correct) == 2:
-        difference = (correct["hierarchical"] - correct["windows"]).astype(float)
-        resampled = difference[draws].sum(1) / total[draws].sum(1)
-        result["difference"] = {"accuracy": float(difference.sum() / total.sum()),
-                                "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))]}
+    for other, key in (("windows", "difference"), ("against", "difference_against")):
+        if "hierarchical" in correct and other in correct:
+            difference = (correct["hierarchical"] - correct[other]).astype(float)
+            resampled = difference[draws].sum(1) / total[draws].sum(1)
+            result[key] = {"accuracy": float(difference.sum() / total.sum()),
+                           "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))]}
+    if against is not None:
+        result["against_folder"] = str(against)
     if output is not None:
         Path(output).write_text(json.dumps(result, indent=2))
     if update_card:
@@ -146,11 +154,13 @@ def evaluate_folders(folder: str | Path, windows: str | Path | None = None, max_
 def format_result(result: dict) -> str:
     lines = [f"held-out masked-token accuracy, {result['documents']} whole documents, {result['masked_tokens']:,} "
              f"masked tokens ({result['masking']} masking):"]
-    for name in ("hierarchical", "windows", "difference"):
+    labels = {"hierarchical": "hierarchical, whole document", "difference": "difference (paired)",
+              "windows": f"MiniLM, independent {result['window']}-token windows",
+              "against": f"{result.get('against_folder')}, whole document",
+              "difference_against": "difference from it (paired)"}
+    for name, label in labels.items():
         if name in result:
             low, high = result[name]["ci95"]
-            label = {"hierarchical": "hierarchical, whole document", "difference": "difference (paired)",
-                     "windows": f"MiniLM, independent {result['window']}-token windows"}[name]
             lines.append(f"  {label}: {result[name]['accuracy']:.4f} (95% CI {low:.4f} to {high:.4f})")
     return "\n".join(lines)
 
@@ -159,11 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a final/ folder of training/pretrain_mlm.py (holds run_summary.json)")
     parser.add_argument("--windows", help="the final/ folder of a `baseline: minilm-windows` run, scored alongside")
+    parser.add_argument("--against", help="another hierarchical final/ folder (e.g. another layout), scored alongside")
     parser.add_argument("--documents", type=int, help="score only the first N validation documents")
     parser.add_argument("--update-card", action="store_true", help="write the result into the folder's model card")
     parser.add_argument("--output", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    return evaluate_folders(args.folder, args.windows, args.documents, args.update_card, args.output)
+    return evaluate_folders(args.folder, args.windows, args.documents, args.update_card, args.output, args.against)
 
 
 if __name__ == "__main__":

@@ -186,13 +186,11 @@ def windowed_minilm_class():
     from transformers.modeling_outputs import MaskedLMOutput
 
     class BertForMaskedLMOnKeptTokens(BertForMaskedLM):
-        def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=None, **kwargs):
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=None, **kwargs):
             if logits_to_keep is None:
-                return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             hidden_states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.cls(hidden_states[logits_to_keep])  # [num_kept, vocab_size]
-            loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels[logits_to_keep])
-            return MaskedLMOutput(loss=loss, logits=logits)
+            return MaskedLMOutput(logits=self.cls(hidden_states[logits_to_keep]))  # [num_kept, vocab_size]
 
     BertForMaskedLMOnKeptTokens.__name__ = BertForMaskedLMOnKeptTokens.__qualname__ = "BertForMaskedLM"
     return BertForMaskedLMOnKeptTokens
