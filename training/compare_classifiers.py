@@ -14,9 +14,9 @@ documents, and the paired interval of the difference between the first system an
 documents for every system), plus each run's training / prediction CPU minutes.
 
     OMP_NUM_THREADS=1 python training/compare_classifiers.py --config training/configs/finetune_20ng_all.yaml \\
-        --mlm-checkpoint runs/mlm_long/final --output-dir runs/compare_20ng --parallel 2
+        --mlm-checkpoint runs/mlm_long_minilm/final --output-dir runs/compare_20ng --parallel 2
     python training/compare_classifiers.py --config training/configs/finetune_news_outlets.yaml \\
-        --mlm-checkpoint runs/mlm_long/final --output-dir runs/compare_news -- --max_train_documents 1000
+        --mlm-checkpoint runs/mlm_long_minilm/final --output-dir runs/compare_news -- --max_train_documents 1000
 
 Anything after the options (``--key value`` pairs, optionally after ``--``) is passed to every run. Writes
 ``<output-dir>/comparison.json`` and ``comparison.md`` and prints the table.
