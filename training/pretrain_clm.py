@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(config, CausalLM(config), resume=resume)
     from accelerate import PartialState
 
-    if config.final_eval and PartialState().is_main_process and summary is not None:
+    # a finished run given --resume returns its summary, final_eval included: nothing is scored or written again
+    if config.final_eval and PartialState().is_main_process and summary is not None and "final_eval" not in summary:
         folder = Path(config.output_dir) / "final"
         final = final_evaluation(config, folder)
         if final is not None:

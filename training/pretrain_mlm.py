@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(config, MaskedLM(config), resume=resume)
     from accelerate import PartialState
 
-    if config.final_eval and PartialState().is_main_process and summary is not None:
+    # a finished run given --resume returns its summary, final_eval included: nothing is scored or written again
+    if config.final_eval and PartialState().is_main_process and summary is not None and "final_eval" not in summary:
         from training.eval_mlm import evaluate_folders
 
         evaluate_folders(Path(config.output_dir) / "final", update_card=True)
