@@ -78,7 +78,7 @@ def _check_size(name: str, value: int | None, num_classes: int) -> None:
         )
 
 
-def _stratified_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+def stratified_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     """A class-stratified random subset of `size` rows (deterministic for a seed); everything if size is None/large."""
     if size is None or size >= len(dataset):
         return dataset
@@ -128,7 +128,7 @@ def load_20newsgroups(
         dataset = Dataset.from_dict(
             {"text": [text for text, _ in kept], "label": [label for _, label in kept]}, features=features
         )
-        splits[split] = _stratified_subset(dataset, size, seed)
+        splits[split] = stratified_subset(dataset, size, seed)
     return DatasetDict(splits)
 
 

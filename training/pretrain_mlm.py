@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import BertForMaskedLM
+from transformers.modeling_outputs import MaskedLMOutput
 
 if __package__ in (None, ""):  # run as a script: make `training` and `hier_transformers` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -129,7 +131,7 @@ class MaskedLM:
 
         if config.baseline == "minilm-windows":
             dropout = {BASELINE_MODEL_FIELDS[name]: value for name, value in config.model.items()}
-            return windowed_minilm_class().from_pretrained(minilm_path(), **dropout)
+            return WindowedMiniLMForMaskedLM.from_pretrained(minilm_path(), **dropout)
         if config.init == "minilm":
             return hierarchical_from_pretrained_bert(None, HierarchicalForMaskedLM, **config.model)[0].train()
         if config.init != "scratch":
@@ -178,22 +180,19 @@ class MaskedLM:
         return nll, n_tokens, torch.zeros_like(n_tokens)
 
 
-def windowed_minilm_class():
+class WindowedMiniLMForMaskedLM(BertForMaskedLM):
     """`BertForMaskedLM` that, like `HierarchicalForMaskedLM`, projects only the `logits_to_keep` positions onto the
-    vocabulary, so the windowed peer trains at the same cost per token. Its weights and config are BERT's: the saved
-    folder loads as a plain `BertForMaskedLM`."""
-    from transformers import BertForMaskedLM
-    from transformers.modeling_outputs import MaskedLMOutput
+    vocabulary, so the windowed peer trains at the same cost per token. Its weights and config are BERT's, and it is
+    saved under BERT's class name: the folder loads as a plain `BertForMaskedLM`."""
 
-    class BertForMaskedLMOnKeptTokens(BertForMaskedLM):
-        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=None, **kwargs):
-            if logits_to_keep is None:
-                return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            hidden_states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return MaskedLMOutput(logits=self.cls(hidden_states[logits_to_keep]))  # [num_kept, vocab_size]
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=None, **kwargs):
+        if logits_to_keep is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return MaskedLMOutput(logits=self.cls(hidden_states[logits_to_keep]))  # [num_kept, vocab_size]
 
-    BertForMaskedLMOnKeptTokens.__name__ = BertForMaskedLMOnKeptTokens.__qualname__ = "BertForMaskedLM"
-    return BertForMaskedLMOnKeptTokens
+
+WindowedMiniLMForMaskedLM.__name__ = WindowedMiniLMForMaskedLM.__qualname__ = "BertForMaskedLM"  # saved architecture
 
 
 def window_pieces(items, window: int) -> list:
