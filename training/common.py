@@ -461,6 +461,9 @@ class Objective(Protocol):
     #   save_state(checkpoint_dir: Path, accelerator) -> None   -- called on every process before the checkpoint
     #                                                              is marked complete
     #   load_state(checkpoint_dir: Path, accelerator) -> None   -- called on every process after accelerator.load_state
+    #   final_evaluation(final_dir: Path) -> dict | None   -- on the main process, once, after a run that trained
+    #                                                        (never for a finished run given --resume): stored as
+    #                                                        run_summary.json's "final_eval" and in the model card
 
 
 def cpu_only() -> bool:
@@ -770,6 +773,13 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
     save_final(accelerator, model, tokenizer, output_dir / "final", summary, objective.pipeline_tag,
                config.push_to_hub, config.hub_private)
     accelerator.end_training()
+    final_evaluation = getattr(objective, "final_evaluation", None)
+    if final_evaluation is not None and accelerator.is_main_process:
+        final = final_evaluation(output_dir / "final")
+        if final is not None:
+            summary["final_eval"] = final
+            (output_dir / "final" / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_card(output_dir / "final", pipeline_tag=objective.pipeline_tag)
     return summary
 
 

@@ -30,7 +30,6 @@ Any run-config field can be overridden (``--max_steps 50``, ``--model.hidden_siz
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -141,6 +140,9 @@ class CausalLM:
         self.shuffle_train = not config.stream  # streams come in the order their steps must be read
         self.memory = None  # the stream trainer's carried cache (one row per batch row of this process)
 
+    def final_evaluation(self, folder: Path) -> dict | None:
+        return final_evaluation(self.config, folder)
+
     def build_model(self, config: CLMRunConfig, tokenizer):
         from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
 
@@ -238,7 +240,10 @@ class CausalLM:
 
 
 def final_evaluation(config: CLMRunConfig, folder: Path) -> dict | None:
-    """Whole validation documents, memory carried from each one's first byte, beside bzip2 -9 / xz -9e."""
+    """Whole validation documents, memory carried from each one's first byte, beside bzip2 -9 / xz -9e (None when
+    `final_eval` is off or the tokenizer is not byte-level); the result is printed."""
+    if not config.final_eval:
+        return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training.lm_eval import compressor_bits_per_byte, encode_documents, score_documents
@@ -253,31 +258,19 @@ def final_evaluation(config: CLMRunConfig, folder: Path) -> dict | None:
     # the XL memory gives the same logits however a document is cut into segments: read long segments (fast)
     scores = score_documents(model, encode_documents(tokenizer, texts), kind, segment_length=EVAL_SEGMENT_LENGTH,
                              context=config.block_size, batch_size=16)
-    return {"bits_per_byte": scores.bits_per_byte(), "by_position": scores.by_position(),
-            "documents": len(texts), "bytes": sum(len(text.encode()) for text in texts),
-            **compressor_bits_per_byte(texts), "concatenated": compressor_bits_per_byte(["\n\n".join(texts)])}
+    final = {"bits_per_byte": scores.bits_per_byte(), "by_position": scores.by_position(),
+             "documents": len(texts), "bytes": sum(len(text.encode()) for text in texts),
+             **compressor_bits_per_byte(texts), "concatenated": compressor_bits_per_byte(["\n\n".join(texts)])}
+    print(f"held-out ({final['documents']} documents, {final['bytes']:,} bytes, memory carried): "
+          f"{final['bits_per_byte']:.4f} bits per byte; on the same bytes bzip2 -9 "
+          f"{final['concatenated']['bzip2_-9']:.4f} and xz -9e {final['concatenated']['xz_-9e']:.4f} (split as "
+          f"one file), {final['bzip2_-9']:.4f} and {final['xz_-9e']:.4f} (each document alone)")
+    return final
 
 
 def main(argv: list[str] | None = None) -> dict:
     config, resume = parse_run_args(CLMRunConfig, argv)
-    summary = train(config, CausalLM(config), resume=resume)
-    from accelerate import PartialState
-
-    # a finished run given --resume returns its summary, final_eval included: nothing is scored or written again
-    if config.final_eval and PartialState().is_main_process and summary is not None and "final_eval" not in summary:
-        folder = Path(config.output_dir) / "final"
-        final = final_evaluation(config, folder)
-        if final is not None:
-            from model_cards.generate_card import write_card
-
-            summary["final_eval"] = final
-            (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            write_card(folder, pipeline_tag=CausalLM.pipeline_tag)
-            print(f"held-out ({final['documents']} documents, {final['bytes']:,} bytes, memory carried): "
-                  f"{final['bits_per_byte']:.4f} bits per byte; on the same bytes bzip2 -9 "
-                  f"{final['concatenated']['bzip2_-9']:.4f} and xz -9e {final['concatenated']['xz_-9e']:.4f} (split as "
-                  f"one file), {final['bzip2_-9']:.4f} and {final['xz_-9e']:.4f} (each document alone)")
-    return summary
+    return train(config, CausalLM(config), resume=resume)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,14 @@ class MaskedLM:
                                desc="layout + tokenize")
         return tokenized["train"], tokenized["validation"], collate
 
+    def final_evaluation(self, folder: Path) -> dict | None:
+        """Held-out whole-document masked-token accuracy (training/eval_mlm.py), when `final_eval` is on."""
+        if not self.config.final_eval:
+            return None
+        from training.eval_mlm import evaluate_folders
+
+        return evaluate_folders(folder)
+
     def _masked(self, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         return mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids, self.mask_token_id,
@@ -229,15 +237,7 @@ def document_layout(config: MLMRunConfig, tokenizer):
 
 def main(argv: list[str] | None = None) -> dict:
     config, resume = parse_run_args(MLMRunConfig, argv)
-    summary = train(config, MaskedLM(config), resume=resume)
-    from accelerate import PartialState
-
-    # a finished run given --resume returns its summary, final_eval included: nothing is scored or written again
-    if config.final_eval and PartialState().is_main_process and summary is not None and "final_eval" not in summary:
-        from training.eval_mlm import evaluate_folders
-
-        evaluate_folders(Path(config.output_dir) / "final", update_card=True)
-    return summary
+    return train(config, MaskedLM(config), resume=resume)
 
 
 if __name__ == "__main__":
