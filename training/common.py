@@ -778,9 +778,16 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         final = final_evaluation(output_dir / "final")
         if final is not None:
             summary["final_eval"] = final
-            (output_dir / "final" / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            write_card(output_dir / "final", pipeline_tag=objective.pipeline_tag)
+            store_final_eval(output_dir / "final", final, objective.pipeline_tag)
     return summary
+
+
+def store_final_eval(folder: Path, final: dict, pipeline_tag: str) -> None:
+    """Write a final evaluation into a saved folder's run_summary.json ("final_eval") and regenerate its card."""
+    summary = json.loads((folder / "run_summary.json").read_text())
+    summary["final_eval"] = final
+    (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_card(folder, pipeline_tag=pipeline_tag)
 
 
 def give_unused_parameters_zero_gradients(model: torch.nn.Module) -> None:

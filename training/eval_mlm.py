@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.common import build_config, load_corpus  # noqa: E402
+from training.common import build_config, load_corpus, store_final_eval  # noqa: E402
 from training.pretrain_mlm import (  # noqa: E402
     MLMRunConfig, document_layout, mask_tokens, window_pieces, with_cls_and_sep, word_starts,
 )
@@ -76,14 +76,10 @@ def windows_correct(model, tokenizer, document: dict[str, torch.Tensor], window:
     ids, labels = document["input_ids"][real], document["labels"][real]
     rows = [(with_cls_and_sep(tokenizer, piece.tolist()), [-100, *piece_labels.tolist(), -100])
             for piece, piece_labels in zip(window_pieces(ids, window), window_pieces(labels, window))]
-    width = max(len(row) for row, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    window_labels = torch.full((len(rows), width), -100)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, (row, row_labels) in enumerate(rows):
-        input_ids[index, :len(row)] = torch.tensor(row)
-        window_labels[index, :len(row)] = torch.tensor(row_labels)
-        attention_mask[index, :len(row)] = 1
+    pad = torch.nn.utils.rnn.pad_sequence
+    input_ids = pad([torch.tensor(row) for row, _ in rows], batch_first=True, padding_value=tokenizer.pad_token_id)
+    window_labels = pad([torch.tensor(row) for _, row in rows], batch_first=True, padding_value=-100)  # [windows, width]
+    attention_mask = pad([torch.ones(len(row), dtype=torch.long) for row, _ in rows], batch_first=True)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [windows, width, vocab]
     keep = window_labels != -100
     return int((logits[keep].argmax(-1) == window_labels[keep]).sum())
@@ -141,12 +137,7 @@ def evaluate_folders(folder: str | Path, windows: str | Path | None = None, max_
     if output is not None:
         Path(output).write_text(json.dumps(result, indent=2))
     if update_card:
-        from model_cards.generate_card import write_card
-
-        summary = json.loads((folder / "run_summary.json").read_text())
-        summary["final_eval"] = result
-        (folder / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        write_card(folder, pipeline_tag="fill-mask")
+        store_final_eval(folder, result, pipeline_tag="fill-mask")
     print(format_result(result))
     return result
 
