@@ -10,7 +10,8 @@ positions), the *cached slots* of three kinds of keys and values, `[batch, heads
 - `"sections"` (only with sections): the most recent section summaries (`config.section_memory`);
 
 plus the online softmax state of the unfinished patch's attention pooling (`pool_max` / `pool_sum` [batch],
-`pool_acc` [batch, hidden], fp32), so its summary is exact when the patch completes.
+`pool_acc` [batch, hidden], fp32), so its summary is exact when the patch completes, and with `key_shift` the last
+token's key before the shift and RoPE (`last_key` [batch, heads, head_dim]), which the next token's key carries.
 
 Which slot holds which absolute index (token position, patch index, section index) is implied by `seen` (real tokens
 per row), in one of two layouts:
@@ -36,6 +37,7 @@ from transformers.cache_utils import Cache
 from .configuration_hierarchical_xl import HierarchicalXLConfig
 
 POOLING_STATE = ("pool_max", "pool_sum", "pool_acc")
+CARRIED_STATE = (*POOLING_STATE, "last_key")  # carried from one forward to the next (last_key: with key_shift)
 # The config fields the cached tensors depend on: a cache filled under other values is refused.
 CACHE_LAYOUT_FIELDS = (
     "patch_size",
@@ -64,6 +66,8 @@ def cache_layout(config: HierarchicalXLConfig) -> dict[str, int | None]:
     if config.retrieval_top_k > 0:
         layout["retrieval_window"] = config.retrieval_window
         layout["ring_buffer"] = 1  # slot = index mod slots (states saved with the older sliding buffer are refused)
+    if config.key_shift:
+        layout["key_shift"] = 1  # the layers carry `last_key`
     return layout
 
 
@@ -99,11 +103,12 @@ class HierarchicalXLCacheLayer:
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, slots: dict[str, int]):
+    def __init__(self, slots: dict[str, int], key_shift: bool = False):
         self.slots = slots  # cached slots per kind
+        self.key_shift = key_shift
         self.keys: dict[str, torch.Tensor] = {}  # kind -> [B, heads, slots[kind], head_dim]
         self.values: dict[str, torch.Tensor] = {}
-        self.pooling: dict[str, torch.Tensor] = {}  # POOLING_STATE -> [B] / [B, hidden], fp32
+        self.pooling: dict[str, torch.Tensor] = {}  # CARRIED_STATE -> [B] / [B, hidden] (fp32), [B, heads, head_dim]
 
     @property
     def is_initialized(self) -> bool:
@@ -124,6 +129,8 @@ class HierarchicalXLCacheLayer:
             "pool_sum": hidden_states.new_zeros(batch, dtype=torch.float32),
             "pool_acc": hidden_states.new_zeros(batch, hidden, dtype=torch.float32),
         }
+        if self.key_shift:
+            self.pooling["last_key"] = hidden_states.new_zeros(batch, num_heads, head_dim)
 
     def cached(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached (keys, values) of one kind, each [B, heads, slots[kind], head_dim]."""
@@ -137,7 +144,7 @@ class HierarchicalXLCacheLayer:
         ring_index: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Store the next memory from the extended (cached + new) keys/values of each kind [B, heads, T, d], and the
-        pooling state of the patch left unfinished.
+        carried state (`CARRIED_STATE`: the pooling of the patch left unfinished, the last key).
 
         Sliding buffer (`ring_index` None): the cache becomes the extended slots `carry[kind]` [B, slots[kind]].
         Ring buffer: the entries of absolute indices `ring_index[kind]` [B, n] (n <= slots, distinct slots) are
@@ -168,7 +175,7 @@ class HierarchicalXLCacheLayer:
         """Inverse of `tensors()` (an empty dict empties the layer)."""
         self.keys = {kind: named[f"{kind}.keys"] for kind in self.slots if f"{kind}.keys" in named}
         self.values = {kind: named[f"{kind}.values"] for kind in self.slots if f"{kind}.values" in named}
-        self.pooling = {name: named[name] for name in POOLING_STATE if name in named}
+        self.pooling = {name: named[name] for name in CARRIED_STATE if name in named}
 
     def apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.load_tensors({name: function(tensor) for name, tensor in self.tensors().items()})
@@ -203,7 +210,9 @@ class HierarchicalXLCache(Cache):
 
     def __init__(self, config: HierarchicalXLConfig):
         slots = cached_slots(config)
-        super().__init__(layers=[HierarchicalXLCacheLayer(slots) for _ in range(config.num_hidden_layers)])
+        super().__init__(
+            layers=[HierarchicalXLCacheLayer(slots, config.key_shift) for _ in range(config.num_hidden_layers)]
+        )
         self.config = config
         self.layout = cache_layout(config)
         self.columns = 0

@@ -33,9 +33,11 @@ class HierarchicalXLConfig(PreTrainedConfig):
        tokens, at full resolution, of the `retrieval_top_k` patches with the highest summary score among the
        *selectable* ones: patch `j` is selectable for `t` iff `t - retrieval_window < j * patch_size <= t -
        local_window` (it starts outside the window, so it is complete, and all its tokens are still within the
-       retrieval window). The score is the patch summary's attention logit `q_t . k_j`, averaged over the heads of
-       the layer (one set of patches per query, shared by its heads); ties go to the older patch. Its tokens
-       outside the window join the same softmax as the window and the summaries.
+       retrieval window). The score is content only: `q_t . k_j` before RoPE, averaged over the heads of the layer
+       (one set of patches per query, shared by its heads), minus 1e-4 per patch of age (equal content: the newer
+       wins; exact ties: the older). The chosen patches' tokens outside the window join the same softmax as the
+       window and the summaries, placed (re-rotated) right before the window in their order, each logit plus its
+       patch's content logit: position-free, so a model reads a longer `retrieval_window` than it trained with.
 
     Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
     [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by
@@ -57,6 +59,10 @@ class HierarchicalXLConfig(PreTrainedConfig):
         retrieval_top_k: far patches each query reads at full resolution (0 = off: the model without retrieval).
         retrieval_window: number of most recent positions whose tokens stay retrievable (the cache keeps their
             keys/values); at least `local_window`. Only used when `retrieval_top_k > 0`.
+        key_shift: each key also carries the previous token's key, through a learned per-channel weight
+            (initialised at 0): `k_t + w * k_(t-1)`, before RoPE (a width-2 depthwise convolution of the keys, as in
+            Primer; Olsson et al.'s "smeared key"). One layer can then match "the token after X", which exact copying
+            (a pass key, a name) needs. False: the model without it, exactly.
         rope_theta: RoPE base (positions are global token positions, unbounded).
         rms_norm_eps: epsilon of the RMSNorms (pre-norm blocks).
         attention_dropout: dropout on attention weights (training only).
@@ -83,6 +89,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
     max_section_summaries: int = 32
     retrieval_top_k: int = 0
     retrieval_window: int = 16384
+    key_shift: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
@@ -150,7 +157,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
         check_activation(self)
         check_token_ids(self, ("pad_token_id", "bos_token_id", "eos_token_id"))
-        for name in ("attention_bias", "tie_word_embeddings", "use_cache"):
+        for name in ("attention_bias", "key_shift", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 

@@ -8,7 +8,8 @@ patches. The rule is a pure function of positions (`visible_ranges`), used by th
 With `retrieval_top_k > 0` each query also reads, at full resolution, the tokens of the few far patches whose summary
 scores it highest (coarse-to-fine retrieval, the selection branch of Native Sparse Attention): the summaries say where
 to look, the tokens give the exact bytes back. Which patches may be chosen is again a function of positions only
-(`visible_ranges(...)["selectable"]`); which are chosen is a function of those plus the scores.
+(`visible_ranges(...)["selectable"]`); which are chosen is a function of those plus content scores (no RoPE), and the
+chosen tokens are read as if they sat right before the window, so nothing about retrieval depends on the distance.
 
 The one-call forward is block-local: queries are processed in blocks, each block gathers only the keys it may see
 (a window of tokens plus a window of summaries), so the cost is O(N * (window + summaries)), never an N x N mask.
@@ -133,10 +134,14 @@ class AttentionPlan:
     patch_sin: torch.Tensor
     section_members: torch.Tensor | None  # [batch, new sections * section_size] extended patch slots per section
     pool_carry_slot: torch.Tensor  # [batch] new-patch slot of the unfinished patch after this chunk
+    last_token: torch.Tensor  # [batch] chunk column of the last real token (-1: none), whose key `key_shift` carries
     # retrieval (None when `retrieval_top_k == 0`, or when no query of the chunk has a selectable patch)
     select_index: torch.Tensor | None = None  # [batch * num_blocks, width] patch indices a block's queries choose from
     select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
     window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
+    ring_patch_cos: torch.Tensor | None = None  # [batch, ring slots, head_dim] RoPE of the ring's patch summaries (fp32)
+    ring_patch_sin: torch.Tensor | None = None
+    rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
 
 
 def build_plan(
@@ -199,7 +204,12 @@ def build_plan(
                 select_index=(first[:, None, None] + found[0]).flatten(0, 1),
                 select_mask=found[1].view(batch * num_blocks, block, -1),
                 window_last=(padded_positions - config.local_window).view(batch * num_blocks, block),
+                rotary=rotary,
             )
+            if ring:  # slot s of the patch ring holds the newest patch index < start that is = s (mod slots)
+                newest = start["patches"][:, None] - 1
+                held = newest - (newest - torch.arange(ring_patches, device=device)).remainder(ring_patches)
+                selection["ring_patch_cos"], selection["ring_patch_sin"] = rotary((held + 1) * patch - 1, torch.float32)
 
     # without a cache nothing is carried: no allocation may depend on the (possibly huge) memory bounds
     memory_index = ring_index = None
@@ -239,8 +249,12 @@ def build_plan(
         patch_sin=patch_sin,
         section_members=section_members,
         pool_carry_slot=end["patches"] - start["patches"],
+        last_token=num_real - 1,
         **selection,
     )
+
+
+RECENCY = 1e-4  # selection score taken off per patch of age: a tie-break above float noise, 0.4 over 4096 patches
 
 
 class HierarchicalXLAttention(MultiHeadAttention):
@@ -249,6 +263,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
     def __init__(self, config: HierarchicalXLConfig):
         super().__init__(config, is_causal=False)
         self.pooling = AttentionPooling(config.hidden_size)
+        if config.key_shift:  # per channel: how much of the previous token's key each key carries
+            self.key_shift = nn.Parameter(torch.zeros(config.num_attention_heads, 1, self.head_dim))
 
     def pool_patches(
         self, hidden_states: torch.Tensor, plan: AttentionPlan, cached: dict[str, torch.Tensor] | None
@@ -300,13 +316,18 @@ class HierarchicalXLAttention(MultiHeadAttention):
         cache_layer: HierarchicalXLCacheLayer | None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        query, key, value = self.project(hidden_states)  # [B, h, S, d] each
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        content_query, key, value = self.project(hidden_states)  # [B, h, S, d] each
         if cache_layer is not None and not cache_layer.is_initialized:
             cache_layer.lazy_initialization(hidden_states, self.num_heads, self.head_dim)
+        if self.config.key_shift:
+            key, last_key = self.shift_keys(key, plan, cache_layer)
+        query, key = apply_rotary(content_query, cos, sin), apply_rotary(key, cos, sin)
 
         pooled, pooling = self.pool_patches(hidden_states, plan, cache_layer.pooling if cache_layer else None)
-        patch_keys = apply_rotary(self.split_heads(self.k_proj(pooled)), plan.patch_cos, plan.patch_sin)
+        if self.config.key_shift:
+            pooling["last_key"] = last_key
+        content_patch_keys = self.split_heads(self.k_proj(pooled))  # [B, h, U, d], before RoPE
+        patch_keys = apply_rotary(content_patch_keys, plan.patch_cos, plan.patch_sin)
         new = {"tokens": (key, value), "patches": (patch_keys, self.split_heads(self.v_proj(pooled)))}
         extended = {kind: self.extend(pair, cache_layer, kind, plan) for kind, pair in new.items()}  # cached + new
         if plan.section_members is not None:  # a section is the mean of its patch summaries, cached ones included
@@ -318,32 +339,46 @@ class HierarchicalXLAttention(MultiHeadAttention):
 
         all_keys = torch.cat([extended[kind][0] for kind in plan.new_slots], dim=2)  # [B, h, T, d]
         all_values = torch.cat([extended[kind][1] for kind in plan.new_slots], dim=2)
-        query = self.to_blocks(nn.functional.pad(query, (0, 0, 0, plan.num_blocks * plan.block - length)), plan)
+        pad = (0, 0, 0, plan.num_blocks * plan.block - length)
+        query = self.to_blocks(nn.functional.pad(query, pad), plan)  # [B * nb, h, block, d]
         block_keys = self.to_blocks(all_keys.index_select(2, plan.index), plan)
         block_values = self.to_blocks(all_values.index_select(2, plan.index), plan)
         if self.config.retrieval_top_k > 0:
-            retrieved_keys, retrieved_values, retrieved_mask = self.retrieve(query, new, cache_layer, plan)
-            output = self.attend_with_retrieval(
-                query, block_keys, block_values, plan.mask, retrieved_keys, retrieved_values, retrieved_mask
-            )
+            content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
+            retrieved = self.retrieve(query, content_query, new, content_patch_keys, cache_layer, plan)
+            output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, *retrieved)
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
             cache_layer.update(extended, plan.carry, pooling, plan.ring_index)
         return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
 
+    def shift_keys(
+        self, key: torch.Tensor, plan: AttentionPlan, cache_layer: HierarchicalXLCacheLayer | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`k_t + w * k_(t-1)` for keys [B, h, S, d] before RoPE (the key before a row's first token is the cached
+        last key, zeros for a fresh row) -> shifted keys, and the last real token's key [B, h, d] to carry."""
+        before = cache_layer.pooling["last_key"] if cache_layer is not None else key.new_zeros(key[:, :, 0].shape)
+        shifted = key + self.key_shift * torch.cat([before[:, :, None], key[:, :, :-1]], dim=2)
+        last = plan.last_token.clamp_min(0).view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])
+        carried = torch.where((plan.last_token >= 0).view(-1, 1, 1), key.gather(2, last).squeeze(2), before)
+        return shifted, carried
+
     @torch.no_grad()
     def select_patches(
         self, query: torch.Tensor, ring_keys: torch.Tensor | None, new_keys: torch.Tensor, plan: AttentionPlan
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each query's `retrieval_top_k` selectable patches with the highest summary score (the summary attention
-        logit, averaged over the heads); ties go to the older patch, so the choice is deterministic.
+        """Each query's `retrieval_top_k` selectable patches with the highest content score (query . summary key,
+        both before RoPE, averaged over the heads) minus `RECENCY` per patch of age: two patches of equal content
+        (repeated text) differ by far more than float noise, the newer wins; exact ties (none in practice) go to
+        the older patch, so the choice is deterministic.
 
-        query [B * nb, h, block, d]; the patch summary keys of the ring cache [B, h, slots, d] (None without a cache)
-        and of this chunk [B, h, U, d]. Each is scored whole against the queries (one pass over the ring, no gather of
-        keys), then each candidate of `plan.select_index` takes its score. -> chosen patch indices (in index order)
-        and whether each choice is a real one (fewer may be selectable), both [B * nb, block, k], and the k + 1 best
-        scores [B * nb, block, k + 1] (descending, -inf = not selectable; k + 1 only while that many candidates)."""
+        query [B * nb, h, block, d] (before RoPE); the patch summary keys (before RoPE) of the ring cache
+        [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. Each is scored whole against the
+        queries (one pass over the ring, no gather of keys), then each candidate of `plan.select_index` takes its
+        score. -> chosen patch indices (in index order) and whether each choice is a real one (fewer may be
+        selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf =
+        not selectable; k + 1 only while that many candidates)."""
         batch, heads, _, dim = new_keys.shape
         query = query.float().view(batch, plan.num_blocks, heads, -1, dim).transpose(1, 2).flatten(2, 3)
 
@@ -357,7 +392,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if ring_keys is not None:
             from_ring = scores(ring_keys, ring_slot(plan.select_index, ring_keys.shape[2]))
             score = torch.where((offset < 0)[:, None], from_ring, score)
-        score = score.masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
+        age = (plan.window_last[..., None] + self.config.local_window) // self.config.patch_size - plan.select_index[:, None]
+        score = score - RECENCY * age  # [B * nb, q, w]: equal content (repeated text) goes to the newer patch
+        score = score.masked_fill(~plan.select_mask, float("-inf"))
         width = score.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)
         best = score.topk(min(top_k + 1, width), dim=-1).values  # [B * nb, q, k + 1], descending
@@ -373,30 +410,51 @@ class HierarchicalXLAttention(MultiHeadAttention):
     def retrieve(
         self,
         query: torch.Tensor,
+        content_query: torch.Tensor,
         new: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        content_patch_keys: torch.Tensor,
         cache_layer: HierarchicalXLCacheLayer | None,
         plan: AttentionPlan,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tokens of each query's selected patches that lie outside its window: keys and values
-        [B * nb, h, block, k * patch_size, d] and which of them it attends to [B * nb, 1, block, k * patch_size].
-        Reads the patch summary keys once and, by index, only the chosen tokens (from the ring cache or this chunk)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tokens of each query's selected patches that lie outside its window, placed just before the window:
+        keys and values [B * nb, h, block, k * patch_size, d], which of them it attends to
+        [B * nb, 1, block, k * patch_size] and their gate [B * nb, h, block, k * patch_size] (the chosen patch's
+        content logit per head, added to its tokens' attention logits).
+
+        Choosing and placing are position-free, so a patch 64k tokens back is found and read like one 64 back:
+        selection scores query and summary key before RoPE, and the chosen patches' keys are re-rotated as if they
+        sat, oldest first, right before the query's window. The gate is what trains the scores that choose (the
+        choice itself has no gradient). Reads the ring's summary keys once and, by index, only the chosen tokens."""
         batch, heads, _, dim = new["tokens"][0].shape
         if plan.select_index is None:  # no query of this chunk has a selectable patch yet
             empty = query.new_zeros(*query.shape[:3], 0, dim)
-            return empty, empty, torch.zeros(query.shape[0], 1, query.shape[2], 0, dtype=torch.bool, device=query.device)
-        ring = cache_layer.cached("patches")[0] if cache_layer is not None else None
-        chosen, real, _ = self.select_patches(query, ring, new["patches"][0], plan)  # [B * nb, q, k]
-        patch = self.config.patch_size
+            mask = torch.zeros(query.shape[0], 1, query.shape[2], 0, dtype=torch.bool, device=query.device)
+            return empty, empty, mask, query.new_zeros(*query.shape[:3], 0)
+        ring = None
+        if cache_layer is not None:  # the ring's summary keys without their RoPE
+            ring = apply_rotary(cache_layer.cached("patches")[0].float(), plan.ring_patch_cos, -plan.ring_patch_sin)
+            ring = ring.to(content_patch_keys.dtype)
+        chosen, real, _ = self.select_patches(content_query, ring, content_patch_keys, plan)  # [B * nb, q, k]
+        top_k, patch = chosen.shape[-1], self.config.patch_size
+        blocks = (batch * plan.num_blocks, heads, plan.block)
+        summary_keys = read_indices(ring, content_patch_keys, plan.first_new["patches"],
+                                    chosen.view(batch, plan.num_blocks, -1))  # [B, nb, h, q * k, d]
+        gate = torch.einsum("nhqd,nhqkd->nhqk", content_query, summary_keys.view(*blocks, top_k, dim)) * self.scaling
         members = chosen[..., None] * patch + torch.arange(patch, device=chosen.device)  # [B * nb, q, k, P] positions
         attended = real[..., None] & (members <= plan.window_last[..., None, None])  # the window's are already in
         members = members.view(batch, plan.num_blocks, -1)  # [B, nb, q * k * P]
 
-        def read(part: int) -> torch.Tensor:  # -> [B * nb, h, q, k * P, d]
+        def read(part: int) -> torch.Tensor:  # -> [B * nb, h, q, k, P, d]
             cached = cache_layer.cached("tokens")[part] if cache_layer is not None else None
             states = read_indices(cached, new["tokens"][part], plan.first_new["tokens"], members)  # [B, nb, h, n, d]
-            return states.view(batch * plan.num_blocks, heads, plan.block, -1, dim)
+            return states.view(*blocks, top_k, patch, dim)
 
-        return read(0), read(1), attended.flatten(2)[:, None]
+        later = real.flip(-1).cumsum(-1).flip(-1)  # [B * nb, q, k] real choices at or after each one
+        shift = plan.window_last[..., None] + 1 - (later + chosen) * patch  # new start - old start of each patch
+        cos, sin = plan.rotary(shift, query.dtype)  # [B * nb, q, k, d]
+        keys = apply_rotary(read(0), cos[:, None, :, :, None], sin[:, None, :, :, None])
+        return (keys.flatten(3, 4), read(1).flatten(3, 4), attended.flatten(2)[:, None],
+                gate.repeat_interleave(patch, dim=-1))
 
     def attend_with_retrieval(
         self,
@@ -407,13 +465,14 @@ class HierarchicalXLAttention(MultiHeadAttention):
         retrieved_keys: torch.Tensor,
         retrieved_values: torch.Tensor,
         retrieved_mask: torch.Tensor,
+        retrieved_gate: torch.Tensor,
     ) -> torch.Tensor:
         """One softmax over a block's keys (window, summaries: shared by its queries) and each query's own retrieved
         tokens. query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K]; retrieved [N, h, q, R, d], mask
-        [N, 1, q, R] -> [N, q, hidden]."""
-        shared = torch.matmul(query, keys.transpose(2, 3))  # [N, h, q, K]
-        own = torch.einsum("nhqd,nhqrd->nhqr", query, retrieved_keys)  # [N, h, q, R]
-        scores = (torch.cat([shared, own], dim=-1) * self.scaling).float()
+        [N, 1, q, R], gate (added to their logits) [N, h, q, R] -> [N, q, hidden]."""
+        shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
+        own = torch.einsum("nhqd,nhqrd->nhqr", query, retrieved_keys) * self.scaling + retrieved_gate  # [N, h, q, R]
+        scores = torch.cat([shared, own], dim=-1).float()
         scores = scores.masked_fill(~torch.cat([mask, retrieved_mask], dim=-1), float("-inf"))
         weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
         weights = nn.functional.dropout(weights, p=self.attention_dropout, training=self.training)
@@ -476,6 +535,8 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, HierarchicalXLAttention) and module.config.key_shift:
+            init.zeros_(module.key_shift)  # starts as the model without it
         if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute it (meta-device loading)
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim

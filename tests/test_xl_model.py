@@ -7,6 +7,7 @@ import torch
 
 from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM, segment_lm_step
 from hier_transformers.modeling_blocks import apply_rotary
+from hier_transformers.modeling_hierarchical_xl import RECENCY
 
 
 def tiny_config(**overrides) -> HierarchicalXLConfig:
@@ -61,11 +62,12 @@ def test_config_round_trips_every_knob(tmp_path):
 
 
 def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """Output of the first layer written as one dense [N, N + patches + sections] attention, straight from the rule:
-    tokens t - W < s <= t; patch j (complete iff (j + 1) P <= t) visible among the most recent; older ones folded
-    into sections of Q patches (mean of their summaries) once all Q are older than the M most recent; MS sections.
-    Retrieval (top_k K > 0): the tokens of the K patches j with t - R < j P <= t - W scoring highest (summary logit
-    averaged over heads, ties to the older patch) are visible too."""
+    """Output of the first layer written query by query straight from the rule: tokens t - W < s <= t; patch j
+    (complete iff (j + 1) P <= t) visible among the most recent; older ones folded into sections of Q patches (mean of
+    their summaries) once all Q are older than the M most recent; MS sections. Retrieval (top_k K > 0): of the patches
+    j with t - R < j P <= t - W, the K with the highest content score (query . summary key before RoPE, averaged
+    over heads, minus RECENCY per patch of age; ties to the older patch); their tokens outside the window join the
+    softmax re-rotated to sit, oldest first, right before the window, each logit plus its patch's content logit."""
     config, layer = model.config, model.model.layers[0]
     attn = layer.self_attn
     P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
@@ -73,44 +75,65 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     hidden = model.model.embed_tokens(input_ids)  # [1, N, H]
     N = hidden.shape[1]
     x = layer.input_layernorm(hidden)
-    cos, sin = model.model.rotary_emb(torch.arange(N), x.dtype)
-    q, k, v = attn.project(x)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    rotary = model.model.rotary_emb
+    cos, sin = rotary(torch.arange(N), x.dtype)
+    q_raw, k_raw, v = attn.project(x)
+    if config.key_shift:  # k_t + w * k_(t-1), before RoPE
+        k_raw = k_raw + attn.key_shift * torch.nn.functional.pad(k_raw, (0, 0, 1, 0))[:, :, :-1]
+    q, k = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
     n_patches = N // P
     members = x[:, : n_patches * P].reshape(1, n_patches, P, -1)
     pooled, _ = attn.pooling(members, torch.ones(1, n_patches, P, dtype=torch.bool))
-    patch_cos, patch_sin = model.model.rotary_emb(torch.arange(1, n_patches + 1) * P - 1, x.dtype)
-    pk = apply_rotary(attn.split_heads(attn.k_proj(pooled)), patch_cos, patch_sin)
+    patch_cos, patch_sin = rotary(torch.arange(1, n_patches + 1) * P - 1, x.dtype)
+    pk_raw = attn.split_heads(attn.k_proj(pooled))
+    pk = apply_rotary(pk_raw, patch_cos, patch_sin)
     pv = attn.split_heads(attn.v_proj(pooled))
     n_sections = n_patches // Q
     sk = pk[:, :, : n_sections * Q].unflatten(2, (n_sections, Q)).mean(3)
     sv = pv[:, :, : n_sections * Q].unflatten(2, (n_sections, Q)).mean(3)
-    mask = torch.zeros(N, N + n_patches + n_sections, dtype=torch.bool)
+    keys, values = torch.cat([k, pk, sk], 2)[0], torch.cat([v, pv, sv], 2)[0]  # [h, K, d]
+    outputs = []
     for t in range(N):
         complete = [j for j in range(n_patches) if (j + 1) * P <= t]
         folded = max(len(complete) - M, 0) // Q  # sections whose patches all left the M most recent
-        for s in range(N):
-            mask[t, s] = t - W < s <= t
-        for j in complete:
-            mask[t, N + j] = j >= folded * Q
-        for section in range(folded):
-            mask[t, N + n_patches + section] = section >= folded - MS
+        visible = [s for s in range(N) if t - W < s <= t] + [N + j for j in complete if j >= folded * Q]
+        visible += [N + n_patches + section for section in range(folded) if section >= folded - MS]
+        key, value, bias = keys[:, visible], values[:, visible], torch.zeros(q.shape[1], len(visible))
         selectable = [j for j in range(n_patches) if t - config.retrieval_window < j * P <= t - W]
         if config.retrieval_top_k and selectable:
-            scores = torch.einsum("hd,hjd->j", q[0, :, t], pk[0][:, selectable]) / q.shape[1]
+            content = torch.einsum("hd,hjd->hj", q_raw[0, :, t], pk_raw[0][:, selectable])
+            scores = content.mean(0) - RECENCY * torch.tensor([t // P - j for j in selectable])
             ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
-            for i in ranked[: config.retrieval_top_k]:
-                mask[t, selectable[i] * P : (selectable[i] + 1) * P] = True
-    keys, values = torch.cat([k, pk, sk], 2), torch.cat([v, pv, sv], 2)
-    attended, _ = attn.attend(q, keys, values, mask[None, None])
-    hidden = hidden + attended
+            chosen = sorted(ranked[: config.retrieval_top_k], key=lambda i: selectable[i])
+            for later, i in zip(range(len(chosen), 0, -1), chosen):
+                j = selectable[i]
+                far = [s for s in range(j * P, (j + 1) * P) if s <= t - W]  # the window's tokens are already in
+                placed = torch.tensor([t - W + 1 - later * P + s - j * P for s in far])
+                far_cos, far_sin = rotary(placed, x.dtype)
+                key = torch.cat([key, apply_rotary(k_raw[0][:, far], far_cos, far_sin)], 1)
+                value = torch.cat([value, v[0][:, far]], 1)
+                gate = content[:, i : i + 1].expand(-1, len(far)) * attn.scaling
+                bias = torch.cat([bias, gate], 1)
+        weights = torch.softmax(torch.einsum("hd,hkd->hk", q[0, :, t], key) * attn.scaling + bias, dim=-1)
+        outputs.append(torch.einsum("hk,hkd->hd", weights, value).flatten())
+    hidden = hidden + attn.o_proj(torch.stack(outputs)[None])
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
+def shifted_model(**overrides) -> HierarchicalXLForCausalLM:
+    """A tiny model with `key_shift` on and its (zero-initialised) shift weights drawn at random."""
+    model = tiny_model(key_shift=True, **overrides)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.key_shift.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("key_shift", [False, True])
 @pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3)])
 @pytest.mark.parametrize("length", [23, 64])
-def test_block_local_forward_equals_dense_rule(length, retrieval):
-    model = tiny_model(num_hidden_layers=1, **retrieval)
+def test_block_local_forward_equals_dense_rule(length, retrieval, key_shift):
+    model = (shifted_model if key_shift else tiny_model)(num_hidden_layers=1, **retrieval)
     input_ids = torch.randint(4, 40, (1, length))
     with torch.no_grad():
         ours = model(input_ids, use_cache=False, output_hidden_states=True).hidden_states[1]
@@ -275,3 +298,47 @@ def test_segment_lm_step_gradients_match_explicit_detached_segments():
     assert n_tokens == 72 and cache.seen.tolist() == [37, 37]
     torch.testing.assert_close(loss_sum / n_tokens, full, atol=1e-5, rtol=1e-5)
     assert all(not tensor.requires_grad for tensor in cache.state_dict().values())
+
+
+# ------------------------------------------------------------------------------------------------------ key_shift
+
+
+def test_key_shift_starts_as_the_model_without_it():
+    """key_shift=True adds one zero-initialised weight per key channel: same logits as without it until trained;
+    the cache then also carries each layer's last key (and says so in its layout)."""
+    plain, shifted = tiny_model(), tiny_model(key_shift=True)
+    input_ids = torch.randint(4, 40, (2, 40))
+    with torch.no_grad():
+        first, second = plain(input_ids, use_cache=True), shifted(input_ids, use_cache=True)
+    torch.testing.assert_close(first.logits, second.logits, atol=0, rtol=0)
+    assert "layers.0.last_key" in second.cache.state_dict() and "layers.0.last_key" not in first.cache.state_dict()
+    with pytest.raises(ValueError, match="key_shift"):
+        shifted(input_ids, cache=first.cache)
+    with pytest.raises(ValueError, match="key_shift"):
+        tiny_config(key_shift=1)
+
+
+@pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=24, initializer_range=0.3)])
+def test_key_shift_one_call_equals_segments_padding_and_generation(retrieval):
+    """The shifted key of a chunk's first token reads the cached last key: any chunking, left padding, a reset row
+    and cached generation give the logits of one uncached call."""
+    model = shifted_model(**retrieval)
+    model.generation_config.eos_token_id = None
+    input_ids = torch.randint(4, 40, (2, 70))
+    with torch.no_grad():
+        reference = model(input_ids, use_cache=False).logits
+        for sizes in ([1], [3], [5, 1, 13]):
+            torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
+        assert (reference - tiny_model(**retrieval)(input_ids, use_cache=False).logits).abs().max() > 1e-4  # on
+        cache = model(input_ids[:, :30], use_cache=True).cache
+        cache.reset_rows(torch.tensor([True, False]))  # row 0 starts a new document
+        torch.testing.assert_close(model(input_ids[:, 30:], cache=cache).logits[0],
+                                   model(input_ids[:1, 30:], use_cache=False).logits[0], atol=1e-5, rtol=1e-5)
+    assert_left_padded_rows_match_rows_alone(model, (31, 9, 1), continuation=6)
+    prompts = input_ids[:, :9]
+    for options in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        cached = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20, use_cache=True,
+                                **options)
+        uncached = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20,
+                                  use_cache=False, **options)
+        assert torch.equal(cached, uncached)

@@ -308,11 +308,39 @@ def test_passkey_training_data_holds_prompts_with_their_answers(passkey, tmp_pat
 
     monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Training text here. " * 40)
     path = tmp_path / "train.jsonl"
-    passkey.main(["--write-training-data", str(path), "--distances", "16", "64", "--documents", "40",
-                  "--real-text-fraction", "0.25"])
+    passkey.main(["--write-training-data", str(path), "--distances", "16", "64", "--documents", "60",
+                  "--real-text-fraction", "0.25", "--drill-fraction", "0.25"])
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     keyed = [text for text in texts if text.startswith("There is an important info")]
-    assert len(texts) == 40 and 15 < len(keyed) < 40
+    drills = [text for text in texts if text.startswith("The pass key is ")]
+    assert len(texts) == 60 and 15 < len(keyed) < 45 and 5 < len(drills) < 30
     for text in keyed:
         key = text.split("The pass key is ")[1][:5]
         assert text.endswith(f"What is the pass key? The pass key is {key}.")
+    for text in drills:  # key sentences back to back, each with its own fresh key
+        keys = [line.split("The pass key is ")[1][:5] for line in text.splitlines()]
+        assert len(keys) == passkey.DRILL_SENTENCES and all(line.count(key) == 2 for line, key in
+                                                            zip(text.splitlines(), keys))
+    with pytest.raises(SystemExit):  # no room left for passkey documents
+        passkey.main(["--write-training-data", str(path), "--real-text-fraction", "0.5", "--drill-fraction", "0.5"])
+
+
+def test_a_retrieved_patch_reads_the_same_at_any_distance():
+    """Retrieval is position-free: a needle patch read from 3 or 60 patches back gives the same logits (the filler
+    in between is one repeated patch, so window and summaries see the same thing), and it is really read (replacing
+    the needle by filler changes them). One layer, no sections, top 1, retrieval window far past both distances."""
+    model = tiny_model(num_hidden_layers=1, section_size=None, retrieval_top_k=1, retrieval_window=400)
+    tail = [11, 12, 13, 14, 15, 16, 17, 18]
+
+    def logits(needle: list[int], filler: list[int], gaps: int) -> torch.Tensor:
+        ids = torch.tensor([needle + filler * gaps + tail])
+        return model(ids, use_cache=False).logits[0, -1]
+
+    with torch.no_grad():
+        for needle, filler in torch.randint(4, 40, (40, 2, 4), generator=torch.Generator().manual_seed(0)).tolist():
+            near, far, absent = logits(needle, filler, 3), logits(needle, filler, 60), logits(filler, filler, 60)
+            if (far - absent).abs().max() > 1e-3:  # this needle outscores the filler: it is the patch read
+                break
+        else:
+            pytest.fail("no needle outscored its filler patch")
+        torch.testing.assert_close(near, far, atol=1e-5, rtol=1e-5)

@@ -46,6 +46,7 @@ KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 LEAD_BYTES = 128  # haystack between the instruction and the key sentence
 DEFAULT_DISTANCES = (1024, 4096, 16384, 65536)
+DRILL_SENTENCES = 30
 
 
 def load_haystack(corpus: str, split: str) -> str:
@@ -176,35 +177,71 @@ def markdown(rows: dict[str, dict], distances) -> str:
     return "\n".join(lines) + "\n\nexact match (digit accuracy); chance: 0.00001 (0.10)"
 
 
+def cache_slots_per_layer(config) -> int:
+    """Key/value slots one layer of a HierarchicalXL cache holds (tokens + patch and section summaries): a sliding-
+    window peer with this window holds the same bytes (same hidden size, fp32, one key and one value per slot)."""
+    from hier_transformers.cache_hierarchical_xl import cached_slots
+
+    return sum(cached_slots(config).values())
+
+
+def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, dict]:
+    """The rows of one model: itself and, for a HierarchicalXL model with retrieval on, the same weights with it off."""
+    rows = {name: evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)}
+    if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0 and not args.no_ablation:
+        top_k = model.config.retrieval_top_k
+        model.config.retrieval_top_k = 0  # the same weights, summaries and window only
+        rows[name.replace(")", ", retrieval off)")] = evaluate(
+            model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk
+        )
+        model.config.retrieval_top_k = top_k
+    return rows
+
+
 def run_benchmark(args) -> dict:
     haystack = load_haystack(args.corpus, "validation")
-    rows = {}
-    for folder in [args.checkpoint, *args.baseline]:
-        weights = args.weights if folder == args.checkpoint else None
-        model, tokenizer = load(folder, weights)
+    rows, notes, equal_window = {}, [], None
+    for weights in args.weights or [None]:  # the checkpoint (or each of its training checkpoints: a learning curve)
+        model, tokenizer = load(args.checkpoint, weights)
+        if model.config.model_type == "hierarchical_xl" and args.retrieval_window is not None:
+            model.config.retrieval_window = args.retrieval_window  # the cache bound; selection is position-free
+        if model.config.model_type == "hierarchical_xl":
+            equal_window = cache_slots_per_layer(model.config)
+            notes.append(f"{Path(args.checkpoint).name}: cache {equal_window:,} slots per layer "
+                         f"(retrieval_window {model.config.retrieval_window:,}, top {model.config.retrieval_top_k})")
         torch.manual_seed(0)
-        source = Path(weights).parent.name if weights else Path(folder).name
-        name = f"{Path(folder).parent.name or folder}/{source} ({model.config.model_type})"
-        rows[name] = evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
-        if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0:
-            top_k = model.config.retrieval_top_k
-            model.config.retrieval_top_k = 0  # the same weights, summaries and window only
-            rows[name.replace(")", ", retrieval off)")] = evaluate(
-                model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk
-            )
-            model.config.retrieval_top_k = top_k
-    table = markdown(rows, args.distances)
+        run = Path(weights).parents[2] if weights else Path(args.checkpoint).parent  # runs/<run>/checkpoints/step_N
+        source = Path(weights).parent.name if weights else Path(args.checkpoint).name
+        name = f"{run.name or args.checkpoint}/{source} ({model.config.model_type})"
+        rows |= scored_rows(model, tokenizer, name, args, haystack)
+    for folder in args.baseline:
+        model, tokenizer = load(folder)
+        if model.config.model_type == "mistral" and equal_window is not None:
+            model.config.sliding_window = equal_window  # the same cache bytes as the HierarchicalXL model
+            notes.append(f"{Path(folder).name}: sliding_window {equal_window:,} (equal cache bytes)")
+        torch.manual_seed(0)
+        rows |= scored_rows(model, tokenizer, f"{Path(folder).parent.name or folder}/{Path(folder).name} "
+                                   f"({model.config.model_type})", args, haystack)
+    table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in notes)
     print(table)
-    summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances, "trials": args.trials, "corpus": args.corpus, "results": rows,
-               "table": table}
+    summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
+               "trials": args.trials, "corpus": args.corpus, "retrieval_window": args.retrieval_window,
+               "results": rows, "notes": notes, "table": table}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def copy_drill(rng: random.Random, sentences: int = DRILL_SENTENCES) -> str:
+    """A copy drill: key sentences with fresh keys, back to back. Each key's second mention is a copy of its first
+    from a few bytes back (inside the local window): exact copying is learned here before it is needed far away."""
+    return "".join(KEY_SENTENCE.format(key=random_key(rng)) for _ in range(sentences))
+
+
 def write_training_data(args) -> int:
-    """Passkey documents (prompt + answer) and plain text, as JSON Lines; returns the number of documents."""
+    """Passkey documents (prompt + answer), copy drills and plain text, as JSON Lines; returns the number of
+    documents."""
     rng = random.Random(args.seed)
     haystack = load_haystack(args.corpus, "train")
     weights = [0.5**index for index in range(len(args.distances))]
@@ -213,8 +250,11 @@ def write_training_data(args) -> int:
     with path.open("w") as out:
         for _ in range(args.documents):
             distance = rng.choices(args.distances, weights)[0]
-            if rng.random() < args.real_text_fraction:
+            kind = rng.random()
+            if kind < args.real_text_fraction:
                 text = filler(haystack, distance + LEAD_BYTES + len(INTRO), rng)
+            elif kind < args.real_text_fraction + args.drill_fraction:
+                text = copy_drill(rng)
             else:
                 key = random_key(rng)
                 prompt, _ = build_prompt(key, distance, haystack, rng)
@@ -226,7 +266,11 @@ def write_training_data(args) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="a saved model folder (with its tokenizer)")
-    parser.add_argument("--weights", help="a training checkpoint's model.safetensors to load over CHECKPOINT's weights")
+    parser.add_argument("--weights", nargs="+", help="training checkpoints' model.safetensors to load over "
+                        "CHECKPOINT's weights, one row each (a learning curve)")
+    parser.add_argument("--retrieval-window", type=int, help="score a HierarchicalXL checkpoint with this retrieval "
+                        "window (the cache bound; a Mistral baseline gets the same cache bytes as its sliding window)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the retrieval-off rows")
     parser.add_argument("--baseline", action="append", default=[], help="another checkpoint folder (repeatable)")
     parser.add_argument("--distances", type=int, nargs="+", default=list(DEFAULT_DISTANCES))
     parser.add_argument("--trials", type=int, default=50)
@@ -237,13 +281,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--write-training-data", metavar="JSONL", help="write passkey training documents instead")
     parser.add_argument("--documents", type=int, default=4000)
     parser.add_argument("--real-text-fraction", type=float, default=0.3)
+    parser.add_argument("--drill-fraction", type=float, default=0.0,
+                        help=f"fraction of copy drills ({DRILL_SENTENCES} key sentences with fresh keys, back to back)")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.write_training_data is None):
         parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
     if any(distance < 1 for distance in args.distances) or args.trials < 1:
         parser.error("--distances and --trials must be >= 1")
-    if not 0.0 <= args.real_text_fraction < 1.0:
-        parser.error("--real-text-fraction must be in [0, 1)")
+    if not 0.0 <= args.real_text_fraction < 1.0 or not 0.0 <= args.drill_fraction < 1.0 - args.real_text_fraction:
+        parser.error("--real-text-fraction and --drill-fraction must be >= 0 and leave room for passkey documents "
+                     "(their sum < 1)")
     return args
 
 
