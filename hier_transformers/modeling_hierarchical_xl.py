@@ -254,7 +254,7 @@ def build_plan(
     )
 
 
-RECENCY = 1e-4  # selection score taken off per patch of age: a tie-break above float noise, 0.4 over 4096 patches
+RECENCY = 1e-4  # selection score taken off per patch of age: separates equal content by more than float noise
 
 
 class HierarchicalXLAttention(MultiHeadAttention):
@@ -370,20 +370,22 @@ class HierarchicalXLAttention(MultiHeadAttention):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each query's `retrieval_top_k` selectable patches with the highest content score (query . summary key,
         both before RoPE, averaged over the heads) minus `RECENCY` per patch of age: two patches of equal content
-        (repeated text) differ by far more than float noise, the newer wins; exact ties (none in practice) go to
-        the older patch, so the choice is deterministic.
+        (repeated text) differ by far more than float noise and the newer wins, so the choice does not depend on how
+        a text was cut into calls.
 
         query [B * nb, h, block, d] (before RoPE); the patch summary keys (before RoPE) of the ring cache
         [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. Each is scored whole against the
-        queries (one pass over the ring, no gather of keys), then each candidate of `plan.select_index` takes its
-        score. -> chosen patch indices (in index order) and whether each choice is a real one (fewer may be
-        selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf =
-        not selectable; k + 1 only while that many candidates)."""
+        queries (one matmul over all heads at once, no gather of keys), then each candidate of `plan.select_index`
+        takes its score. -> chosen patch indices (in index order) and whether each choice is a real one (fewer may
+        be selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf
+        = not selectable; k + 1 only while that many candidates)."""
         batch, heads, _, dim = new_keys.shape
-        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).transpose(1, 2).flatten(2, 3)
+        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).permute(0, 1, 3, 2, 4)
+        query = query.reshape(batch, -1, heads * dim)  # [B, nb * q, h * d]: sum over heads = one dot product
 
         def scores(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # keys [B, h, T, d] -> [B * nb, q, w]
-            logits = torch.matmul(query, keys.float().transpose(2, 3)).sum(1) / heads  # [B, nb * q, T]
+            keys = keys.float().permute(0, 2, 1, 3).flatten(2)  # [B, T, h * d]
+            logits = torch.matmul(query, keys.transpose(1, 2)) / heads  # [B, nb * q, T]
             logits = logits.view(batch * plan.num_blocks, plan.block, -1)
             return logits.gather(2, slots[:, None, :].expand(-1, plan.block, -1))
 
@@ -393,19 +395,13 @@ class HierarchicalXLAttention(MultiHeadAttention):
             from_ring = scores(ring_keys, ring_slot(plan.select_index, ring_keys.shape[2]))
             score = torch.where((offset < 0)[:, None], from_ring, score)
         age = (plan.window_last[..., None] + self.config.local_window) // self.config.patch_size - plan.select_index[:, None]
-        score = score - RECENCY * age  # [B * nb, q, w]: equal content (repeated text) goes to the newer patch
-        score = score.masked_fill(~plan.select_mask, float("-inf"))
+        score = (score - RECENCY * age).masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
         width = score.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)
-        best = score.topk(min(top_k + 1, width), dim=-1).values  # [B * nb, q, k + 1], descending
-        threshold = best[..., top_k - 1 : top_k]
-        above, tied = score > threshold, score == threshold
-        picked = above | (tied & (tied.cumsum(-1) <= top_k - above.sum(-1, keepdim=True)))  # exactly k, oldest ties
-        rank = torch.where(picked, picked.cumsum(-1) - 1, top_k)  # place among the chosen; spare place k otherwise
-        spots = torch.arange(width, device=score.device).expand_as(rank)
-        spots = spots.new_zeros(*rank.shape[:2], top_k + 1).scatter_(2, rank, spots)[..., :top_k]  # [B * nb, q, k]
+        best, spots = score.topk(min(top_k + 1, width), dim=-1)  # [B * nb, q, k + 1], descending
+        spots, order = spots[..., :top_k].sort(dim=-1)  # the chosen in index order
         chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
-        return chosen, score.gather(2, spots) > float("-inf"), best
+        return chosen, best[..., :top_k].gather(-1, order) > float("-inf"), best
 
     def retrieve(
         self,
