@@ -291,6 +291,47 @@ def test_passkey_benchmark_scores_exact_match_and_writes_json(passkey, tmp_path,
     assert list(results)[1].endswith("retrieval off)") and model.config.retrieval_top_k == 2
 
 
+def test_passkey_mistral_peer_gets_equal_cache_bytes_and_a_full_attention_twin(passkey, tmp_path, monkeypatch):
+    """A Mistral baseline is scored with the sliding window that holds the HierarchicalXL model's cache bytes, and its
+    same weights as a Llama (full attention up to its context): the Llama computes exactly what the Mistral does
+    inside its window, and is refused past its context."""
+    import json
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hier_transformers import ByteTokenizer
+
+    model = tiny_model(vocab_size=260)
+    model.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                               max_position_embeddings=1000, sliding_window=64)).eval()
+    mistral.save_pretrained(tmp_path / "mistral" / "final")
+    for folder in (tmp_path / "model", tmp_path / "mistral" / "final"):
+        ByteTokenizer().save_pretrained(folder)
+    twin = passkey.as_llama(mistral)
+    ids = torch.randint(4, 260, (1, 60))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, mistral(ids).logits, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Some held-out text. " * 40)
+    windows = []
+
+    def oracle(model, tokenizer, prompt, new_tokens, chunk):
+        windows.append(getattr(model.config, "sliding_window", None))
+        return " " + prompt.split("The pass key is ")[1][:5]
+
+    monkeypatch.setattr(passkey, "greedy_answer", oracle)
+    output = tmp_path / "passkey.json"
+    passkey.main([str(tmp_path / "model"), "--baseline", str(tmp_path / "mistral" / "final"), "--distances", "100",
+                  "1500", "--trials", "1", "--no-ablation", "--retrieval-window", "48", "--output", str(output)])
+    results = json.loads(output.read_text())["results"]
+    equal = passkey.cache_slots_per_layer(HierarchicalXLConfig(**(BASE | RETRIEVAL | dict(retrieval_window=48))))
+    llama = next(name for name in results if "as llama" in name)
+    assert results[llama]["100"]["exact_match"] == 1.0 and results[llama]["1500"]["exact_match"] is None  # > 1000
+    assert results["mistral/final (mistral)"]["1500"]["exact_match"] == 1.0 and windows[-1] == equal
+
+
 def test_passkey_greedy_answer_runs_a_real_model_in_chunks(passkey):
     from hier_transformers import ByteTokenizer
 

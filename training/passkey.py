@@ -177,6 +177,25 @@ def markdown(rows: dict[str, dict], distances) -> str:
     return "\n".join(lines) + "\n\nexact match (digit accuracy); chance: 0.00001 (0.10)"
 
 
+def as_llama(mistral):
+    """The same weights as a Llama: full attention, context `max_position_embeddings` (the block it trained on).
+    Mistral is Llama plus a sliding window, so a Mistral trained with a window >= its blocks trained exactly this
+    model: one training run gives both peers of the table."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+              "pad_token_id", "bos_token_id", "eos_token_id", "hidden_act")
+    config = LlamaConfig(**{name: getattr(mistral.config, name) for name in fields},
+                         rope_parameters=mistral.config.rope_parameters, head_dim=mistral.config.head_dim)
+    llama = LlamaForCausalLM(config).eval()
+    missing, unexpected = llama.load_state_dict(mistral.state_dict(), strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise ValueError(f"the Mistral weights do not fit a Llama: missing {missing}, unexpected {unexpected}")
+    llama.tie_weights()
+    return llama
+
+
 def cache_slots_per_layer(config) -> int:
     """Key/value slots one layer of a HierarchicalXL cache holds (tokens + patch and section summaries): a sliding-
     window peer with this window holds the same bytes (same hidden size, fp32, one key and one value per slot)."""
@@ -216,12 +235,16 @@ def run_benchmark(args) -> dict:
         rows |= scored_rows(model, tokenizer, name, args, haystack)
     for folder in args.baseline:
         model, tokenizer = load(folder)
-        if model.config.model_type == "mistral" and equal_window is not None:
-            model.config.sliding_window = equal_window  # the same cache bytes as the HierarchicalXL model
-            notes.append(f"{Path(folder).name}: sliding_window {equal_window:,} (equal cache bytes)")
+        name = f"{Path(folder).parent.name or folder}/{Path(folder).name}"
+        if model.config.model_type == "mistral":
+            if equal_window is not None:
+                model.config.sliding_window = equal_window  # the same cache bytes as the HierarchicalXL model
+                notes.append(f"{name}: sliding_window {equal_window:,} (equal cache bytes)")
+            torch.manual_seed(0)
+            rows |= scored_rows(as_llama(model), tokenizer, f"{name} (as llama: full attention up to "
+                                f"{model.config.max_position_embeddings})", args, haystack)
         torch.manual_seed(0)
-        rows |= scored_rows(model, tokenizer, f"{Path(folder).parent.name or folder}/{Path(folder).name} "
-                                   f"({model.config.model_type})", args, haystack)
+        rows |= scored_rows(model, tokenizer, f"{name} ({model.config.model_type})", args, haystack)
     table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in notes)
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
