@@ -385,3 +385,32 @@ def test_a_retrieved_patch_reads_the_same_at_any_distance():
         else:
             pytest.fail("no needle outscored its filler patch")
         torch.testing.assert_close(near, far, atol=1e-5, rtol=1e-5)
+
+
+def test_passkey_copy_loss_scores_exactly_the_second_mention_digits(passkey):
+    """An oracle that knows every next byte scores 0; the same oracle, blind (uniform) on digits only, scores exactly
+    ln(vocab): the loss reads the 5 digits of each second mention and nothing else."""
+    import math
+    from types import SimpleNamespace
+
+    from hier_transformers import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, blind_on_digits: bool):
+            super().__init__()
+            self.blind = blind_on_digits
+            self.device = torch.device("cpu")
+
+        def forward(self, ids):
+            logits = torch.zeros(1, ids.shape[1], 260)
+            for t in range(ids.shape[1] - 1):
+                following = int(ids[0, t + 1])
+                if not (self.blind and following in digits):
+                    logits[0, t, following] = 1e4
+            return SimpleNamespace(logits=logits)
+
+    assert passkey.copy_loss(Oracle(False), tokenizer, seed=0) == pytest.approx(0.0, abs=1e-6)
+    assert passkey.copy_loss(Oracle(True), tokenizer, seed=0) == pytest.approx(math.log(260), rel=1e-6)
