@@ -414,3 +414,15 @@ def test_passkey_copy_loss_scores_exactly_the_second_mention_digits(passkey):
 
     assert passkey.copy_loss(Oracle(False), tokenizer, seed=0) == pytest.approx(0.0, abs=1e-6)
     assert passkey.copy_loss(Oracle(True), tokenizer, seed=0) == pytest.approx(math.log(260), rel=1e-6)
+
+
+def test_passkey_selection_hits_see_which_patches_retrieval_chose(passkey):
+    """With top_k >= every selectable patch, each answer query chooses the key's patches (hit rate 1 in every layer);
+    with a retrieval window that ends before the key, never (0)."""
+    from hier_transformers import ByteTokenizer
+
+    haystack = "Some held-out text, nothing else. " * 30
+    everything = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=1024)
+    assert passkey.selection_hits(everything, ByteTokenizer(), 64, 2, haystack, seed=0) == [1.0, 1.0]
+    short = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=24)
+    assert passkey.selection_hits(short, ByteTokenizer(), 64, 2, haystack, seed=0) == [0.0, 0.0]

@@ -139,6 +139,42 @@ def copy_loss(model, tokenizer, seed: int, drills: int = 10) -> float:
     return float(torch.cat(losses).mean())
 
 
+@torch.no_grad()
+def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> list[float]:
+    """Per layer, the fraction of answer queries (the ones predicting the 5 digits) whose chosen patches include a
+    patch holding a digit of the key (either mention): does retrieval look in the right place? One uncached
+    forward over prompt + answer per trial, the layers' choices recorded."""
+    from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
+
+    chosen, select = [], HierarchicalXLAttention.select_patches
+
+    def recording(self, *args):
+        result = select(self, *args)
+        chosen.append(torch.where(result[1], result[0], -1).flatten(0, 1))  # [positions (padded), k], -1: none
+        return result
+
+    rng, patch = random.Random(f"{seed}-{distance}"), model.config.patch_size
+    hits = torch.zeros(model.config.num_hidden_layers)
+    HierarchicalXLAttention.select_patches = recording
+    try:
+        for _ in range(trials):
+            key = random_key(rng)
+            prompt, _ = build_prompt(key, distance, haystack, rng)
+            text = f"{prompt} {key}."
+            ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+            offset, first = ids.shape[1] - len(text), text.index(key)
+            key_patches = {(offset + mention + i) // patch for mention in (first, text.index(key, first + 1))
+                           for i in range(5)}
+            chosen.clear()
+            model(ids, use_cache=False)
+            queries = range(ids.shape[1] - 7, ids.shape[1] - 2)  # the inputs after which a digit comes
+            for layer, picks in enumerate(chosen):
+                hits[layer] += sum(bool(key_patches & set(picks[q].tolist())) for q in queries) / 5
+    finally:
+        HierarchicalXLAttention.select_patches = select
+    return (hits / trials).tolist()
+
+
 def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int, chunk: int) -> dict[str, dict]:
     """Exact match and digit accuracy per distance; the same keys and haystack offsets for every model (`seed`)."""
     limit = context_limit(model)
@@ -184,6 +220,7 @@ def load(folder: str, weights: str | None = None):
 
 
 def markdown(rows: dict[str, dict], distances) -> str:
+    notes = []
     header = "| model | " + " | ".join(f"{d} B" for d in distances) + " | in-window copy |"
     lines = [header, "|" + "---|" * (len(distances) + 2)]
     for name, results in rows.items():
@@ -193,8 +230,12 @@ def markdown(rows: dict[str, dict], distances) -> str:
             cells.append("n/a" if result["exact_match"] is None else
                          f"{result['exact_match']:.2f} ({result['digits']:.2f})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {results['copy_loss']:.2f} |")
+        for distance, rates in results.get("selection_hits", {}).items():
+            notes.append(f"{name}: key patch chosen at {distance} B, per layer: "
+                         + " / ".join(f"{rate:.2f}" for rate in rates))
     return "\n".join(lines) + ("\n\nexact match (digit accuracy); chance: 0.00001 (0.10). In-window copy: loss (nats) "
-                               "of a key's second mention in held-out copy drills; chance 2.30, copying ~0")
+                               "of a key's second mention in held-out copy drills; chance 2.30, copying ~0") \
+        + "".join(f"\n{note}" for note in notes)
 
 
 def as_llama(mistral):
@@ -228,6 +269,11 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
     """The rows of one model: itself and, for a HierarchicalXL model with retrieval on, the same weights with it off."""
     rows = {name: evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
             | {"copy_loss": copy_loss(model, tokenizer, args.seed)}}
+    if args.selection is not None and getattr(model.config, "retrieval_top_k", 0) > 0:
+        rows[name]["selection_hits"] = {
+            str(distance): selection_hits(model, tokenizer, distance, 10, haystack, args.seed)
+            for distance in args.selection
+        }
     if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0 and not args.no_ablation:
         top_k = model.config.retrieval_top_k
         model.config.retrieval_top_k = 0  # the same weights, summaries and window only
@@ -266,7 +312,7 @@ def run_benchmark(args) -> dict:
                                 f"{model.config.max_position_embeddings})", args, haystack)
         torch.manual_seed(0)
         rows |= scored_rows(model, tokenizer, f"{name} ({model.config.model_type})", args, haystack)
-    table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in notes)
+    table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in dict.fromkeys(notes))
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
                "trials": args.trials, "corpus": args.corpus, "retrieval_window": args.retrieval_window,
@@ -315,6 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--retrieval-window", type=int, help="score a HierarchicalXL checkpoint with this retrieval "
                         "window (the cache bound; a Mistral baseline gets the same cache bytes as its sliding window)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the retrieval-off rows")
+    parser.add_argument("--selection", type=int, nargs="+", metavar="DISTANCE",
+                        help="also record, per layer, how often retrieval chose a patch of the key (10 trials each)")
     parser.add_argument("--baseline", action="append", default=[], help="another checkpoint folder (repeatable)")
     parser.add_argument("--distances", type=int, nargs="+", default=list(DEFAULT_DISTANCES))
     parser.add_argument("--trials", type=int, default=50)
