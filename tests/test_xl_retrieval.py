@@ -330,6 +330,10 @@ def test_passkey_mistral_peer_gets_equal_cache_bytes_and_a_full_attention_twin(p
     llama = next(name for name in results if "as llama" in name)
     assert results[llama]["100"]["exact_match"] == 1.0 and results[llama]["1500"]["exact_match"] is None  # > 1000
     assert results["mistral/final (mistral)"]["1500"]["exact_match"] == 1.0 and windows[-1] == equal
+    passkey.main([str(tmp_path / "model"), "--only-baselines", "--baseline", str(tmp_path / "mistral" / "final"),
+                  "--distances", "100", "--trials", "1", "--retrieval-window", "48", "--output", str(output)])
+    peers = json.loads(output.read_text())["results"]
+    assert len(peers) == 2 and all("hierarchical_xl" not in name for name in peers) and windows[-1] == equal
 
 
 def test_passkey_greedy_answer_runs_a_real_model_in_chunks(passkey):

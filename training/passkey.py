@@ -299,7 +299,8 @@ def run_benchmark(args) -> dict:
         run = Path(weights).parents[2] if weights else Path(args.checkpoint).parent  # runs/<run>/checkpoints/step_N
         source = Path(weights).parent.name if weights else Path(args.checkpoint).name
         name = f"{run.name or args.checkpoint}/{source} ({model.config.model_type})"
-        rows |= scored_rows(model, tokenizer, name, args, haystack)
+        if not args.only_baselines:
+            rows |= scored_rows(model, tokenizer, name, args, haystack)
     for folder in args.baseline:
         model, tokenizer = load(folder)
         name = f"{Path(folder).parent.name or folder}/{Path(folder).name}"
@@ -361,6 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--retrieval-window", type=int, help="score a HierarchicalXL checkpoint with this retrieval "
                         "window (the cache bound; a Mistral baseline gets the same cache bytes as its sliding window)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the retrieval-off rows")
+    parser.add_argument("--only-baselines", action="store_true",
+                        help="score only the baselines (CHECKPOINT still sets the equal-cache sliding window)")
     parser.add_argument("--selection", type=int, nargs="+", metavar="DISTANCE",
                         help="also record, per layer, how often retrieval chose a patch of the key (10 trials each)")
     parser.add_argument("--baseline", action="append", default=[], help="another checkpoint folder (repeatable)")
