@@ -408,7 +408,7 @@ def test_passkey_copy_loss_scores_exactly_the_second_mention_digits(passkey):
             self.blind = blind_on_digits
             self.device = torch.device("cpu")
 
-        def forward(self, ids):
+        def forward(self, ids, **kwargs):
             logits = torch.zeros(1, ids.shape[1], 260)
             for t in range(ids.shape[1] - 1):
                 following = int(ids[0, t + 1])

@@ -129,7 +129,7 @@ def copy_loss(model, tokenizer, seed: int, drills: int = 10) -> float:
     for _ in range(drills):
         text = copy_drill(rng, 10)
         ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
-        logits = model(ids).logits[0, :-1].float()
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
         token_loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         offset, start = ids.shape[1] - len(text), 0  # a leading BOS, if the tokenizer adds one
         for _ in range(10):
@@ -267,8 +267,11 @@ def cache_slots_per_layer(config) -> int:
 
 def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, dict]:
     """The rows of one model: itself and, for a HierarchicalXL model with retrieval on, the same weights with it off."""
-    rows = {name: evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
-            | {"copy_loss": copy_loss(model, tokenizer, args.seed)}}
+    def score() -> dict:
+        return (evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
+                | {"copy_loss": copy_loss(model, tokenizer, args.seed)})
+
+    rows = {name: score()}
     if args.selection is not None and getattr(model.config, "retrieval_top_k", 0) > 0:
         rows[name]["selection_hits"] = {
             str(distance): selection_hits(model, tokenizer, distance, 10, haystack, args.seed)
@@ -277,9 +280,7 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
     if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0 and not args.no_ablation:
         top_k = model.config.retrieval_top_k
         model.config.retrieval_top_k = 0  # the same weights, summaries and window only
-        rows[name.replace(")", ", retrieval off)")] = evaluate(
-            model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk
-        ) | {"copy_loss": copy_loss(model, tokenizer, args.seed)}
+        rows[name.replace(")", ", retrieval off)")] = score()
         model.config.retrieval_top_k = top_k
     return rows
 
@@ -287,7 +288,8 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
 def run_benchmark(args) -> dict:
     haystack = load_haystack(args.corpus, "validation")
     rows, notes, equal_window = {}, [], None
-    for weights in args.weights or [None]:  # the checkpoint (or each of its training checkpoints: a learning curve)
+    # the checkpoint, or each of its training checkpoints (a learning curve); only its cache budget with --only-baselines
+    for weights in [None] if args.only_baselines else args.weights or [None]:
         model, tokenizer = load(args.checkpoint, weights)
         if model.config.model_type == "hierarchical_xl" and args.retrieval_window is not None:
             model.config.retrieval_window = args.retrieval_window  # the cache bound; selection is position-free
