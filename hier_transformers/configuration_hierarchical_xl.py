@@ -36,8 +36,11 @@ class HierarchicalXLConfig(PreTrainedConfig):
        retrieval window). The score is content only: `q_t . k_j` before RoPE, averaged over the heads of the layer
        (one set of patches per query, shared by its heads), minus 1e-4 per patch of age (equal content: the newer
        wins; exact ties: the older). The chosen patches' tokens outside the window join the same softmax as the
-       window and the summaries, placed (re-rotated) right before the window in their order, each logit plus its
-       patch's content logit: position-free, so a model reads a longer `retrieval_window` than it trained with.
+       window and the summaries, each placed (re-rotated) in the `patch_size` positions right before the window,
+       and each patch weighs as one key whose logit is its content logit (Landmark Attention's grouped softmax:
+       token logit - logsumexp of its patch's token logits + the patch's content logit): position-free, so a model
+       reads a longer `retrieval_window` than it trained with. In training mode every selectable patch is read
+       (so the score of every candidate learns, not only of those chosen); in eval mode the top `retrieval_top_k`.
 
     Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
     [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by

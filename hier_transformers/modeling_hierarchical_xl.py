@@ -10,6 +10,8 @@ scores it highest (coarse-to-fine retrieval, the selection branch of Native Spar
 to look, the tokens give the exact bytes back. Which patches may be chosen is again a function of positions only
 (`visible_ranges(...)["selectable"]`); which are chosen is a function of those plus content scores (no RoPE), and the
 chosen tokens are read as if they sat right before the window, so nothing about retrieval depends on the distance.
+Training reads every selectable patch, each weighted by its score (Landmark Attention), so the scores that choose
+learn from the loss; eval reads the top k.
 
 The one-call forward is block-local: queries are processed in blocks, each block gathers only the keys it may see
 (a window of tokens plus a window of summaries), so the cost is O(N * (window + summaries)), never an N x N mask.
@@ -142,6 +144,20 @@ class AttentionPlan:
     ring_patch_cos: torch.Tensor | None = None  # [batch, ring slots, head_dim] RoPE of the ring's patch summaries (fp32)
     ring_patch_sin: torch.Tensor | None = None
     rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
+
+
+@dataclass
+class RetrievedPatches:
+    """What a block of queries reads of the far patches (`HierarchicalXLAttention.retrieve`), N = batch * blocks."""
+
+    keys: torch.Tensor  # [N, h, q, k, patch_size, d] tokens of each query's chosen patches, placed before its window
+    values: torch.Tensor  # [N, h, q, k, patch_size, d]
+    mask: torch.Tensor  # [N, 1, q, k, patch_size] bool, which of them each query reads (outside its window)
+    gate: torch.Tensor  # [N, h, q, k] each chosen patch's logit: its content logit per head
+    # training only: the block's other selectable patches, each one key of its content logit with its summary as value
+    summary_logits: torch.Tensor | None = None  # [N, h, q, w]
+    summary_values: torch.Tensor | None = None  # [N, h, w, d]
+    summary_mask: torch.Tensor | None = None  # [N, 1, q, w] bool
 
 
 def build_plan(
@@ -345,8 +361,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         block_values = self.to_blocks(all_values.index_select(2, plan.index), plan)
         if self.config.retrieval_top_k > 0:
             content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
-            retrieved = self.retrieve(query, content_query, new, content_patch_keys, cache_layer, plan)
-            output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, *retrieved)
+            retrieved = self.retrieve(content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan)
+            output = self.attend_with_retrieval(query, content_query, block_keys, block_values, plan.mask, retrieved)
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
@@ -405,75 +421,92 @@ class HierarchicalXLAttention(MultiHeadAttention):
 
     def retrieve(
         self,
-        query: torch.Tensor,
         content_query: torch.Tensor,
         new: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        content_patch_keys: torch.Tensor,
+        content_patches: tuple[torch.Tensor, torch.Tensor],
         cache_layer: HierarchicalXLCacheLayer | None,
         plan: AttentionPlan,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tokens of each query's selected patches that lie outside its window, placed just before the window:
-        keys and values [B * nb, h, block, k * patch_size, d], which of them it attends to
-        [B * nb, 1, block, k * patch_size] and their gate [B * nb, h, block, k * patch_size] (the chosen patch's
-        content logit per head, added to its tokens' attention logits).
+    ) -> RetrievedPatches:
+        """What each query of each block reads of the far patches (`content_query` [B * nb, h, block, d], before
+        RoPE; `content_patches`: this chunk's patch summary keys before RoPE and values [B, h, U, d]).
 
-        Choosing and placing are position-free, so a patch 64k tokens back is found and read like one 64 back:
-        selection scores query and summary key before RoPE, and the chosen patches' keys are re-rotated as if they
-        sat, oldest first, right before the query's window. The gate is what trains the scores that choose (the
-        choice itself has no gradient). Reads the ring's summary keys once and, by index, only the chosen tokens."""
+        Each query reads the tokens of its `retrieval_top_k` chosen patches (`select_patches`) outside its window,
+        placed in the `patch_size` positions right before the window: a key stored rotated at position j * P + o is
+        re-rotated by one angle per patch so that the query, read before its RoPE, sees it at distance
+        `local_window - 1 + P - o`, whatever j is. Each chosen patch weighs as one key whose logit is its gate, the
+        patch's content logit per head. In training mode the other selectable patches join as that key with their
+        summary as value (Native Sparse Attention's compressed branch), so the loss reaches the score of every
+        candidate, not only of the chosen ones. Reads the ring's summary keys once and, by index, only what is read."""
         batch, heads, _, dim = new["tokens"][0].shape
+        patch, blocks = self.config.patch_size, content_query.shape[0]
         if plan.select_index is None:  # no query of this chunk has a selectable patch yet
-            empty = query.new_zeros(*query.shape[:3], 0, dim)
-            mask = torch.zeros(query.shape[0], 1, query.shape[2], 0, dtype=torch.bool, device=query.device)
-            return empty, empty, mask, query.new_zeros(*query.shape[:3], 0)
+            keys = content_query.new_zeros(blocks, heads, plan.block, 0, patch, dim)
+            mask = torch.zeros(blocks, 1, plan.block, 0, patch, dtype=torch.bool, device=content_query.device)
+            return RetrievedPatches(keys, keys, mask, content_query.new_zeros(blocks, heads, plan.block, 0))
         ring = None
         if cache_layer is not None:  # the ring's summary keys without their RoPE
             ring = apply_rotary(cache_layer.cached("patches")[0].float(), plan.ring_patch_cos, -plan.ring_patch_sin)
-            ring = ring.to(content_patch_keys.dtype)
-        chosen, real, _ = self.select_patches(content_query, ring, content_patch_keys, plan)  # [B * nb, q, k]
-        top_k, patch = chosen.shape[-1], self.config.patch_size
-        blocks = (batch * plan.num_blocks, heads, plan.block)
-        summary_keys = read_indices(ring, content_patch_keys, plan.first_new["patches"],
-                                    chosen.view(batch, plan.num_blocks, -1))  # [B, nb, h, q * k, d]
-        gate = torch.einsum("nhqd,nhqkd->nhqk", content_query, summary_keys.view(*blocks, top_k, dim)) * self.scaling
+            ring = ring.to(content_query.dtype)
+        chosen, real, _ = self.select_patches(content_query, ring, content_patches[0], plan)  # [B * nb, q, k]
+        top_k = chosen.shape[-1]
+
+        def summaries(cached: torch.Tensor | None, states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return read_indices(cached, states, plan.first_new["patches"], index.view(batch, plan.num_blocks, -1))
+
+        summary_keys = summaries(ring, content_patches[0], chosen).view(blocks, heads, plan.block, top_k, dim)
+        gate = torch.einsum("nhqd,nhqkd->nhqk", content_query, summary_keys) * self.scaling
         members = chosen[..., None] * patch + torch.arange(patch, device=chosen.device)  # [B * nb, q, k, P] positions
         attended = real[..., None] & (members <= plan.window_last[..., None, None])  # the window's are already in
-        members = members.view(batch, plan.num_blocks, -1)  # [B, nb, q * k * P]
 
         def read(part: int) -> torch.Tensor:  # -> [B * nb, h, q, k, P, d]
             cached = cache_layer.cached("tokens")[part] if cache_layer is not None else None
-            states = read_indices(cached, new["tokens"][part], plan.first_new["tokens"], members)  # [B, nb, h, n, d]
-            return states.view(*blocks, top_k, patch, dim)
+            states = read_indices(cached, new["tokens"][part], plan.first_new["tokens"],
+                                  members.view(batch, plan.num_blocks, -1))  # [B, nb, h, n, d]
+            return states.view(blocks, heads, plan.block, top_k, patch, dim)
 
-        later = real.flip(-1).cumsum(-1).flip(-1)  # [B * nb, q, k] real choices at or after each one
-        shift = plan.window_last[..., None] + 1 - (later + chosen) * patch  # new start - old start of each patch
-        cos, sin = plan.rotary(shift, query.dtype)  # [B * nb, q, k, d]
-        keys = apply_rotary(read(0), cos[:, None, :, :, None], sin[:, None, :, :, None])
-        return (keys.flatten(3, 4), read(1).flatten(3, 4), attended.flatten(2)[:, None],
-                gate.repeat_interleave(patch, dim=-1))
+        cos, sin = plan.rotary(-((chosen + 1) * patch + self.config.local_window - 1), content_query.dtype)
+        keys = apply_rotary(read(0), cos[:, None, :, :, None], sin[:, None, :, :, None])  # cos: [B * nb, q, k, d]
+        retrieved = RetrievedPatches(keys, read(1), attended[:, None], gate)
+        if self.training:  # every other candidate of the block, as one key: its summary
+            candidates = plan.select_index  # [B * nb, w]
+            ring_values = cache_layer.cached("patches")[1] if cache_layer is not None else None
+            candidate_keys = summaries(ring, content_patches[0], candidates).view(blocks, heads, -1, dim)
+            was_chosen = (candidates[:, None, :, None] == torch.where(real, chosen, -1)[:, :, None, :]).any(-1)
+            retrieved.summary_logits = torch.matmul(content_query, candidate_keys.transpose(2, 3)) * self.scaling
+            retrieved.summary_values = summaries(ring_values, content_patches[1], candidates).view_as(candidate_keys)
+            retrieved.summary_mask = (plan.select_mask & ~was_chosen)[:, None]  # [B * nb, 1, q, w]
+        return retrieved
 
     def attend_with_retrieval(
         self,
         query: torch.Tensor,
+        content_query: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         mask: torch.Tensor,
-        retrieved_keys: torch.Tensor,
-        retrieved_values: torch.Tensor,
-        retrieved_mask: torch.Tensor,
-        retrieved_gate: torch.Tensor,
+        retrieved: RetrievedPatches,
     ) -> torch.Tensor:
-        """One softmax over a block's keys (window, summaries: shared by its queries) and each query's own retrieved
-        tokens. query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K]; retrieved [N, h, q, R, d], mask
-        [N, 1, q, R], gate (added to their logits) [N, h, q, R] -> [N, q, hidden]."""
+        """One softmax over a block's keys (window, summaries: shared by its queries) and what each query reads of the
+        far patches, where a chosen patch weighs as one key whose logit is its gate and shares that weight among its
+        tokens by their own softmax (Landmark Attention's grouped softmax: token logit - logsumexp of its patch's
+        token logits + gate). query (RoPE) and content_query (before RoPE) [N, h, q, d], keys/values [N, h, K, d],
+        mask [N, 1, q, K] -> [N, q, hidden]."""
         shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
-        own = torch.einsum("nhqd,nhqrd->nhqr", query, retrieved_keys) * self.scaling + retrieved_gate  # [N, h, q, R]
-        scores = torch.cat([shared, own], dim=-1).float()
-        scores = scores.masked_fill(~torch.cat([mask, retrieved_mask], dim=-1), float("-inf"))
-        weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
+        own = torch.einsum("nhqd,nhqkpd->nhqkp", content_query, retrieved.keys) * self.scaling
+        lowest = torch.finfo(torch.float32).min  # finite: a patch none of whose tokens is read stays NaN-free
+        own = own.float().masked_fill(~retrieved.mask, lowest)  # [N, h, q, k, P]
+        own = own - own.logsumexp(dim=-1, keepdim=True) + retrieved.gate[..., None].float()
+        parts = [shared.float().masked_fill(~mask, float("-inf")),
+                 own.masked_fill(~retrieved.mask, float("-inf")).flatten(3)]
+        if retrieved.summary_logits is not None:
+            parts.append(retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf")))
+        weights = nn.functional.softmax(torch.cat(parts, dim=-1), dim=-1).to(query.dtype)
         weights = nn.functional.dropout(weights, p=self.attention_dropout, training=self.training)
-        output = torch.matmul(weights[..., : keys.shape[2]], values)  # [N, h, q, d]
-        output = output + torch.einsum("nhqr,nhqrd->nhqd", weights[..., keys.shape[2] :], retrieved_values)
+        pieces = weights.split([part.shape[-1] for part in parts], dim=-1)
+        output = torch.matmul(pieces[0], values)  # [N, h, q, d]
+        output = output + torch.einsum("nhqkp,nhqkpd->nhqd", pieces[1].unflatten(-1, own.shape[3:]), retrieved.values)
+        if retrieved.summary_values is not None:
+            output = output + torch.matmul(pieces[2], retrieved.summary_values)
         return self.o_proj(output.transpose(1, 2).reshape(*output.shape[:1], output.shape[2], -1))
 
     @staticmethod

@@ -67,7 +67,9 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     their summaries) once all Q are older than the M most recent; MS sections. Retrieval (top_k K > 0): of the patches
     j with t - R < j P <= t - W, the K with the highest content score (query . summary key before RoPE, averaged
     over heads, minus RECENCY per patch of age; ties to the older patch); their tokens outside the window join the
-    softmax re-rotated to sit, oldest first, right before the window, each logit plus its patch's content logit."""
+    softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
+    is its content logit (token logit - logsumexp of its patch's + content logit). In training mode every other
+    selectable patch joins as one key of its content logit with its summary value."""
     config, layer = model.config, model.model.layers[0]
     attn = layer.self_attn
     P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
@@ -104,16 +106,23 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
             content = torch.einsum("hd,hjd->hj", q_raw[0, :, t], pk_raw[0][:, selectable])
             scores = content.mean(0) - RECENCY * torch.tensor([t // P - j for j in selectable])
             ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
-            chosen = sorted(ranked[: config.retrieval_top_k], key=lambda i: selectable[i])
-            for later, i in zip(range(len(chosen), 0, -1), chosen):
+            chosen = ranked[: config.retrieval_top_k]
+            for i in ranked[config.retrieval_top_k :] if model.training else []:  # one key each: its summary
+                key = torch.cat([key, torch.zeros_like(key[:, :1])], 1)
+                value = torch.cat([value, pv[0][:, selectable[i] : selectable[i] + 1]], 1)
+                bias = torch.cat([bias, content[:, i : i + 1] * attn.scaling], 1)
+            for i in sorted(chosen, key=lambda i: selectable[i]):
                 j = selectable[i]
-                far = [s for s in range(j * P, (j + 1) * P) if s <= t - W]  # the window's tokens are already in
-                placed = torch.tensor([t - W + 1 - later * P + s - j * P for s in far])
+                far = [s for s in range(j * P, (j + 1) * P) if s <= t - W]  # the window's are already in
+                placed = torch.tensor([t - W + 1 - P + s - j * P for s in far])  # the P positions before the window
                 far_cos, far_sin = rotary(placed, x.dtype)
-                key = torch.cat([key, apply_rotary(k_raw[0][:, far], far_cos, far_sin)], 1)
+                far_keys = apply_rotary(k_raw[0][:, far], far_cos, far_sin)
+                logits = torch.einsum("hd,hkd->hk", q[0, :, t], far_keys) * attn.scaling
+                gate = content[:, i : i + 1] * attn.scaling  # the patch weighs as one key of this logit
+                # added to the bias, so that (q . key) * scaling + bias = logits - logsumexp(logits) + gate
+                bias = torch.cat([bias, (gate - logits.logsumexp(1, keepdim=True)).expand(-1, len(far))], 1)
+                key = torch.cat([key, far_keys], 1)
                 value = torch.cat([value, v[0][:, far]], 1)
-                gate = content[:, i : i + 1].expand(-1, len(far)) * attn.scaling
-                bias = torch.cat([bias, gate], 1)
         weights = torch.softmax(torch.einsum("hd,hkd->hk", q[0, :, t], key) * attn.scaling + bias, dim=-1)
         outputs.append(torch.einsum("hk,hkd->hd", weights, value).flatten())
     hidden = hidden + attn.o_proj(torch.stack(outputs)[None])
@@ -132,8 +141,10 @@ def shifted_model(**overrides) -> HierarchicalXLForCausalLM:
 @pytest.mark.parametrize("key_shift", [False, True])
 @pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3)])
 @pytest.mark.parametrize("length", [23, 64])
-def test_block_local_forward_equals_dense_rule(length, retrieval, key_shift):
-    model = (shifted_model if key_shift else tiny_model)(num_hidden_layers=1, **retrieval)
+@pytest.mark.parametrize("training", [False, True])
+def test_block_local_forward_equals_dense_rule(length, retrieval, key_shift, training):
+    """In eval each query reads its top k far patches; in training (dropout 0) also the summaries of the others."""
+    model = (shifted_model if key_shift else tiny_model)(num_hidden_layers=1, **retrieval).train(training)
     input_ids = torch.randint(4, 40, (1, length))
     with torch.no_grad():
         ours = model(input_ids, use_cache=False, output_hidden_states=True).hidden_states[1]

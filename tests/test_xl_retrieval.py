@@ -107,6 +107,24 @@ def test_causality_with_retrieval():
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_training_reaches_every_candidate_so_every_choice_score_learns():
+    """In training mode the loss reaches every selectable far patch (the unchosen through their summaries), so the
+    score of every candidate learns, not only of the ones top k chose; in eval mode only the chosen patch is reached.
+    One layer, one summary, no sections, top 1: at the last query, the far patches reached."""
+    model = tiny_model(num_hidden_layers=1, section_size=None, max_patch_summaries=1, retrieval_top_k=1,
+                       retrieval_window=400)
+    input_ids = torch.randint(4, 40, (1, 64), generator=torch.Generator().manual_seed(1))
+    far = range(64 - 6 - 4)  # positions of the patches that lie wholly before the window and the summary's patch
+
+    def reached(training: bool) -> set[int]:
+        embeds = model.model.embed_tokens(input_ids).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.train(training)(inputs_embeds=embeds).logits[0, -1].sum(), embeds)
+        return {s // 4 for s in far if grad[0, s].abs().max() > 0}
+
+    assert len(reached(False)) == 1
+    assert reached(True) == {s // 4 for s in far}
+
+
 @pytest.mark.parametrize("section_size", [2, None])
 def test_one_call_equals_segments_equals_token_by_token(margins, section_size):
     """90 tokens: past the window (6), the summaries and the retrieval window (24); the rows' top-k choices have a
