@@ -6,7 +6,7 @@ positions), the *cached slots* of three kinds of keys and values, `[batch, heads
 - `"tokens"`: the `config.token_memory` most recent tokens (keys rotated at their positions): `local_window - 1`, or
   `retrieval_window - 1` with retrieval on;
 - `"patches"`: the most recent completed patch summaries (`config.summary_memory`: `patch_memory`, or with retrieval
-  on also every patch that can still be selected);
+  on also every patch that can still be selected, then with keys before RoPE: the selection reads them so);
 - `"sections"` (only with sections): the most recent section summaries (`config.section_memory`);
 
 plus the online softmax state of the unfinished patch's attention pooling (`pool_max` / `pool_sum` [batch],
@@ -65,7 +65,8 @@ def cache_layout(config: HierarchicalXLConfig) -> dict[str, int | None]:
     layout = {name: getattr(config, name) for name in CACHE_LAYOUT_FIELDS}
     if config.retrieval_top_k > 0:
         layout["retrieval_window"] = config.retrieval_window
-        layout["ring_buffer"] = 1  # slot = index mod slots (states saved with the older sliding buffer are refused)
+        # 2: slot = index mod slots, patch summary keys before RoPE (states of older layouts are refused)
+        layout["ring_buffer"] = 2
     if config.key_shift:
         layout["key_shift"] = 1  # the layers carry `last_key`
     return layout

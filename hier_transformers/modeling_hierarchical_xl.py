@@ -131,6 +131,8 @@ class AttentionPlan:
     carry: dict[str, torch.Tensor]  # [batch, n] extended slots the cache stores (-1 = keep; empty without a cache)
     memory_index: dict[str, torch.Tensor] | None  # ring cache: [batch, cached] absolute indices of the cached slots
     ring_index: dict[str, torch.Tensor] | None  # ring cache: [batch, n] absolute indices of the stored entries
+    memory_patch_cos: torch.Tensor | None  # ring cache: [batch, cached, head_dim] RoPE of the window's patch summaries
+    memory_patch_sin: torch.Tensor | None  # (the ring keeps summary keys before RoPE, for the selection)
     token_patch_slot: torch.Tensor  # [batch, seq] new-patch slot of each token (spare slot for padding)
     patch_cos: torch.Tensor  # [batch, new patches, head_dim] RoPE of the new patch summaries (at their last token)
     patch_sin: torch.Tensor
@@ -141,8 +143,6 @@ class AttentionPlan:
     select_index: torch.Tensor | None = None  # [batch * num_blocks, width] patch indices a block's queries choose from
     select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
     window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
-    ring_patch_cos: torch.Tensor | None = None  # [batch, ring slots, head_dim] RoPE of the ring's patch summaries (fp32)
-    ring_patch_sin: torch.Tensor | None = None
     rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
 
 
@@ -222,13 +222,9 @@ def build_plan(
                 window_last=(padded_positions - config.local_window).view(batch * num_blocks, block),
                 rotary=rotary,
             )
-            if ring:  # slot s of the patch ring holds the newest patch index < start that is = s (mod slots)
-                newest = start["patches"][:, None] - 1
-                held = newest - (newest - torch.arange(ring_patches, device=device)).remainder(ring_patches)
-                selection["ring_patch_cos"], selection["ring_patch_sin"] = rotary((held + 1) * patch - 1, torch.float32)
 
     # without a cache nothing is carried: no allocation may depend on the (possibly huge) memory bounds
-    memory_index = ring_index = None
+    memory_index = ring_index = memory_patch_cos = memory_patch_sin = None
     if ring:  # only the new entries (the newest `slots` of them), each at its own ring slot
         count = {kind: min(slots, new_slots[kind]) for kind, slots in cache_slots.items()}
         ring_index = {kind: end[kind][:, None] - count[kind] + torch.arange(count[kind], device=device)
@@ -236,6 +232,7 @@ def build_plan(
         carry = {kind: torch.where(index >= start[kind][:, None], index - base[kind][:, None], -1)
                  for kind, index in ring_index.items()}
         memory_index = {kind: base[kind][:, None] + torch.arange(cached[kind], device=device) for kind in cache_slots}
+        memory_patch_cos, memory_patch_sin = rotary((memory_index["patches"] + 1) * patch - 1, dtype)
     else:
         carry = {kind: (end[kind] - start[kind])[:, None] + torch.arange(slots, device=device)
                  for kind, slots in cache_slots.items()}
@@ -260,6 +257,8 @@ def build_plan(
         carry=carry,
         memory_index=memory_index,
         ring_index=ring_index,
+        memory_patch_cos=memory_patch_cos,
+        memory_patch_sin=memory_patch_sin,
         token_patch_slot=torch.where(is_real, token_patch_slot, new_patches),
         patch_cos=patch_cos,
         patch_sin=patch_sin,
@@ -366,7 +365,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
-            cache_layer.update(extended, plan.carry, pooling, plan.ring_index)
+            stored = extended
+            if plan.memory_index is not None:  # the ring keeps summary keys before RoPE: the selection reads them so
+                window = extended["patches"][0][:, :, : plan.cached["patches"]]  # never stored (carry: new slots only)
+                stored = extended | {"patches": (torch.cat([window, content_patch_keys], 2), extended["patches"][1])}
+            cache_layer.update(stored, plan.carry, pooling, plan.ring_index)
         return output.reshape(batch, plan.num_blocks * plan.block, -1)[:, :length]
 
     def shift_keys(
@@ -444,9 +447,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
             mask = torch.zeros(blocks, 1, plan.block, 0, patch, dtype=torch.bool, device=content_query.device)
             return RetrievedPatches(keys, keys, mask, content_query.new_zeros(blocks, heads, plan.block, 0))
         ring = None
-        if cache_layer is not None:  # the ring's summary keys without their RoPE
-            ring = apply_rotary(cache_layer.cached("patches")[0].float(), plan.ring_patch_cos, -plan.ring_patch_sin)
-            ring = ring.to(content_query.dtype)
+        if cache_layer is not None:  # the ring's summary keys (kept before RoPE)
+            ring = cache_layer.cached("patches")[0]
         chosen, real, _ = self.select_patches(content_query, ring, content_patches[0], plan)  # [B * nb, q, k]
         top_k = chosen.shape[-1]
 
@@ -524,6 +526,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if plan.memory_index is not None:
             slots = ring_slot(plan.memory_index[kind], cached[0].shape[2])
             cached = tuple(gather_slots(states, slots) for states in cached)
+            if kind == "patches":  # the ring keeps summary keys before RoPE
+                cached = (apply_rotary(cached[0], plan.memory_patch_cos, plan.memory_patch_sin), cached[1])
         return tuple(torch.cat([states_cached, states], 2) for states_cached, states in zip(cached, new))
 
     def to_blocks(self, states: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
