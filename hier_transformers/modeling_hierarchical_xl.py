@@ -393,28 +393,27 @@ class HierarchicalXLAttention(MultiHeadAttention):
         a text was cut into calls.
 
         query [B * nb, h, block, d] (before RoPE); the patch summary keys (before RoPE) of the ring cache
-        [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. Each is scored whole against the
-        queries (one matmul over all heads at once, no gather of keys), then each candidate of `plan.select_index`
-        takes its score. -> chosen patch indices (in index order) and whether each choice is a real one (fewer may
-        be selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf
-        = not selectable; k + 1 only while that many candidates)."""
+        [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. All of them are scored against the
+        queries in one matmul over all heads (the head sum of dot products is one dot product over the hidden size),
+        then each candidate of `plan.select_index` takes its score by index. -> chosen patch indices (in index order)
+        and whether each choice is a real one (fewer may be selectable), both [B * nb, block, k], and the k + 1 best
+        scores [B * nb, block, k + 1] (descending, -inf = not selectable; k + 1 only while that many candidates)."""
         batch, heads, _, dim = new_keys.shape
         query = query.float().view(batch, plan.num_blocks, heads, -1, dim).permute(0, 1, 3, 2, 4)
-        query = query.reshape(batch, -1, heads * dim)  # [B, nb * q, h * d]: sum over heads = one dot product
-
-        def scores(keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # keys [B, h, T, d] -> [B * nb, q, w]
-            keys = keys.float().permute(0, 2, 1, 3).flatten(2)  # [B, T, h * d]
-            logits = torch.matmul(query, keys.transpose(1, 2)) / heads  # [B, nb * q, T]
-            logits = logits.view(batch * plan.num_blocks, plan.block, -1)
-            return logits.gather(2, slots[:, None, :].expand(-1, plan.block, -1))
-
+        query = query.reshape(batch, -1, heads * dim)  # [B, nb * q, h * d]
+        keys = new_keys if ring_keys is None else torch.cat([ring_keys, new_keys], dim=2)  # [B, h, T, d]
+        logits = torch.matmul(query, keys.float().permute(0, 2, 1, 3).flatten(2).transpose(1, 2)) / heads  # [B, nb*q, T]
         offset = plan.select_index - plan.first_new["patches"].repeat_interleave(plan.num_blocks)[:, None]
-        score = scores(new_keys, offset.clamp(0, new_keys.shape[2] - 1))
+        slots = offset.clamp(0, new_keys.shape[2] - 1)  # [B * nb, w] the candidates' columns of `logits`
         if ring_keys is not None:
-            from_ring = scores(ring_keys, ring_slot(plan.select_index, ring_keys.shape[2]))
-            score = torch.where((offset < 0)[:, None], from_ring, score)
-        age = (plan.window_last[..., None] + self.config.local_window) // self.config.patch_size - plan.select_index[:, None]
-        score = (score - RECENCY * age).masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
+            ring = ring_keys.shape[2]
+            slots = torch.where(offset < 0, ring_slot(plan.select_index, ring), ring + slots)
+        logits = logits.view(batch * plan.num_blocks, plan.block, -1)
+        score = logits.gather(2, slots[:, None, :].expand(-1, plan.block, -1))  # [B * nb, q, w]
+        # minus RECENCY per patch of age = plus RECENCY per patch after the block's first candidate, up to a
+        # constant per query (which changes no choice and no gap); small numbers however long the stream
+        newer = (plan.select_index - plan.select_index[:, :1]).float()  # [B * nb, w]
+        score = (score + RECENCY * newer[:, None]).masked_fill(~plan.select_mask, float("-inf"))
         width = score.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)
         best, spots = score.topk(min(top_k + 1, width), dim=-1)  # [B * nb, q, k + 1], descending
