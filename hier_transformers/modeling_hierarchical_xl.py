@@ -10,8 +10,9 @@ scores it highest (coarse-to-fine retrieval, the selection branch of Native Spar
 to look, the tokens give the exact bytes back. Which patches may be chosen is again a function of positions only
 (`visible_ranges(...)["selectable"]`); which are chosen is a function of those plus content scores (no RoPE), and the
 chosen tokens are read as if they sat right before the window, so nothing about retrieval depends on the distance.
-Training reads every selectable patch, each weighted by its score (Landmark Attention), so the scores that choose
-learn from the loss; eval reads the top k.
+Each chosen patch weighs as one key of its score (Landmark Attention's grouped softmax); in training the unchosen
+selectable patches also join, as their summaries (Native Sparse Attention's compressed branch), so every score that
+chooses learns from the loss.
 
 The one-call forward is block-local: queries are processed in blocks, each block gathers only the keys it may see
 (a window of tokens plus a window of summaries), so the cost is O(N * (window + summaries)), never an N x N mask.
