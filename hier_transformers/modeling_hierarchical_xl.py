@@ -388,33 +388,36 @@ class HierarchicalXLAttention(MultiHeadAttention):
     def select_patches(
         self, query: torch.Tensor, ring_keys: torch.Tensor | None, new_keys: torch.Tensor, plan: AttentionPlan
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each query's `retrieval_top_k` selectable patches with the highest content score (query . summary key,
-        both before RoPE, averaged over the heads) minus `RECENCY` per patch of age: two patches of equal content
-        (repeated text) differ by far more than float noise and the newer wins, so the choice does not depend on how
-        a text was cut into calls.
+        """Each query's `retrieval_top_k` selectable patches of highest importance, NSA's rule: per head, the softmax
+        over the query's selectable patches of their content logits (query . summary key, both before RoPE: the
+        gates), summed over the heads (one set of patches per query, shared by its heads; any one head that wants a
+        patch can have it, where a mean of logits lets the other heads veto it). Each logit first loses `RECENCY`
+        per patch of age: two patches of equal content (repeated text) differ by far more than float noise and the
+        newer wins, so the choice does not depend on how a text was cut into calls. The score is the log of that sum.
 
         query [B * nb, h, block, d] (before RoPE); the patch summary keys (before RoPE) of the ring cache
         [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. All of them are scored against the
-        queries in one matmul over all heads (the head sum of dot products is one dot product over the hidden size),
-        then each candidate of `plan.select_index` takes its score by index. -> chosen patch indices (in index order)
-        and whether each choice is a real one (fewer may be selectable), both [B * nb, block, k], and the k + 1 best
-        scores [B * nb, block, k + 1] (descending, -inf = not selectable; k + 1 only while that many candidates)."""
+        queries in one matmul, then each candidate of `plan.select_index` takes its logits by index. -> chosen patch
+        indices (in index order) and whether each choice is a real one (fewer may be selectable), both
+        [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf = not selectable;
+        k + 1 only while that many candidates)."""
         batch, heads, _, dim = new_keys.shape
-        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).permute(0, 1, 3, 2, 4)
-        query = query.reshape(batch, -1, heads * dim)  # [B, nb * q, h * d]
+        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).transpose(1, 2).flatten(2, 3)
         keys = new_keys if ring_keys is None else torch.cat([ring_keys, new_keys], dim=2)  # [B, h, T, d]
-        logits = torch.matmul(query, keys.float().permute(0, 2, 1, 3).flatten(2).transpose(1, 2)) / heads  # [B, nb*q, T]
+        logits = torch.matmul(query, keys.float().transpose(2, 3)) * self.scaling  # [B, h, nb * q, T]
+        logits = logits.unflatten(2, (plan.num_blocks, -1)).transpose(1, 2).flatten(0, 1)  # [B * nb, h, q, T]
         offset = plan.select_index - plan.first_new["patches"].repeat_interleave(plan.num_blocks)[:, None]
         slots = offset.clamp(0, new_keys.shape[2] - 1)  # [B * nb, w] the candidates' columns of `logits`
         if ring_keys is not None:
             ring = ring_keys.shape[2]
             slots = torch.where(offset < 0, ring_slot(plan.select_index, ring), ring + slots)
-        logits = logits.view(batch * plan.num_blocks, plan.block, -1)
-        score = logits.gather(2, slots[:, None, :].expand(-1, plan.block, -1))  # [B * nb, q, w]
+        logits = logits.gather(3, slots[:, None, None, :].expand(-1, heads, plan.block, -1))  # [B * nb, h, q, w]
         # minus RECENCY per patch of age = plus RECENCY per patch after the block's first candidate, up to a
-        # constant per query (which changes no choice and no gap); small numbers however long the stream
-        newer = (plan.select_index - plan.select_index[:, :1]).float()  # [B * nb, w]
-        score = (score + RECENCY * newer[:, None]).masked_fill(~plan.select_mask, float("-inf"))
+        # constant per query, which the softmax drops; small numbers however long the stream
+        newer = (plan.select_index - plan.select_index[:, :1]).float()[:, None, None]  # [B * nb, 1, 1, w]
+        lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
+        logits = (logits + RECENCY * newer).masked_fill(~plan.select_mask[:, None], lowest)
+        score = logits.softmax(dim=-1).sum(dim=1).log().masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
         width = score.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)
         best, spots = score.topk(min(top_k + 1, width), dim=-1)  # [B * nb, q, k + 1], descending

@@ -65,8 +65,8 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     """Output of the first layer written query by query straight from the rule: tokens t - W < s <= t; patch j
     (complete iff (j + 1) P <= t) visible among the most recent; older ones folded into sections of Q patches (mean of
     their summaries) once all Q are older than the M most recent; MS sections. Retrieval (top_k K > 0): of the patches
-    j with t - R < j P <= t - W, the K with the highest content score (query . summary key before RoPE, averaged
-    over heads, minus RECENCY per patch of age; ties to the older patch); their tokens outside the window join the
+    j with t - R < j P <= t - W, the K with the highest score (per head the softmax over them of the content logit,
+    query . summary key before RoPE * scaling - RECENCY per patch of age, summed over heads; ties to the older patch); their tokens outside the window join the
     softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
     is its content logit (token logit - logsumexp of its patch's + content logit). In training mode every other
     selectable patch joins as one key of its content logit with its summary value."""
@@ -104,7 +104,8 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
         selectable = [j for j in range(n_patches) if t - config.retrieval_window < j * P <= t - W]
         if config.retrieval_top_k and selectable:
             content = torch.einsum("hd,hjd->hj", q_raw[0, :, t], pk_raw[0][:, selectable])
-            scores = content.mean(0) - RECENCY * torch.tensor([t // P - j for j in selectable])
+            ages = torch.tensor([t // P - j for j in selectable])
+            scores = torch.softmax(content * attn.scaling - RECENCY * ages, dim=1).sum(0).log()
             ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
             chosen = ranked[: config.retrieval_top_k]
             for i in ranked[config.retrieval_top_k :] if model.training else []:  # one key each: its summary
