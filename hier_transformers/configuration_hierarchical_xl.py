@@ -33,9 +33,10 @@ class HierarchicalXLConfig(PreTrainedConfig):
        tokens, at full resolution, of the `retrieval_top_k` patches with the highest summary score among the
        *selectable* ones: patch `j` is selectable for `t` iff `t - retrieval_window < j * patch_size <= t -
        local_window` (it starts outside the window, so it is complete, and all its tokens are still within the
-       retrieval window). The score is content only: `q_t . k_j` before RoPE, averaged over the heads of the layer
-       (one set of patches per query, shared by its heads), minus 1e-4 per patch of age (equal content: the newer
-       wins; exact ties: the older). The chosen patches' tokens outside the window join the same softmax as the
+       retrieval window). The score is content only (Native Sparse Attention's importance): per head the softmax
+       over the selectable patches of `q_t . k_j * scaling` before RoPE, minus 1e-4 per patch of age (equal
+       content: the newer wins; exact ties: the older), summed over the heads of the layer (one set of patches per
+       query, shared by its heads). The chosen patches' tokens outside the window join the same softmax as the
        window and the summaries, each placed (re-rotated) in the `patch_size` positions right before the window,
        and each patch weighs as one key whose logit is its content logit (Landmark Attention's grouped softmax:
        token logit - logsumexp of its patch's token logits + the patch's content logit): position-free, so a model
