@@ -128,10 +128,11 @@ def test_any_hf_tokenizer_works():
     assert output.shape == (2, inputs["input_ids"].shape[1] + 10) and int(output.max()) < len(tokenizer)
 
 
-def test_peft_lora_trains_saves_reloads_and_generates(tmp_path):
+@pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=24, key_shift=True)])
+def test_peft_lora_trains_saves_reloads_and_generates(tmp_path, retrieval):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    model = tiny_model(vocab_size=260)
+    model = tiny_model(vocab_size=260, **retrieval)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
@@ -149,7 +150,7 @@ def test_peft_lora_trains_saves_reloads_and_generates(tmp_path):
     peft_model.eval()
     peft_model.save_pretrained(tmp_path)
     assert "adapter_model.safetensors" in os.listdir(tmp_path)
-    reloaded = PeftModel.from_pretrained(tiny_model(vocab_size=260), tmp_path).eval()
+    reloaded = PeftModel.from_pretrained(tiny_model(vocab_size=260, **retrieval), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids).logits, peft_model(input_ids).logits, atol=1e-5, rtol=1e-5)
     prompt = input_ids[:1, :5]
