@@ -100,3 +100,32 @@ def test_final_evaluation_scores_whole_held_out_documents_beside_compressors(clm
     saved = json.loads((output_dir / "final" / "run_summary.json").read_text())
     assert saved["final_eval"]["bits_per_byte"] == pytest.approx(final["bits_per_byte"])
     assert "memory carried from each document's start" in (output_dir / "final" / "README.md").read_text()
+
+
+def test_init_from_loads_safetensors_weights_and_refuses_a_model_they_do_not_fit(tmp_path):
+    """`init_from` (a curriculum's second stage): a checkpoint's model.safetensors, or a folder holding one, starts
+    the run with exactly those weights; weights of another shape are refused, naming the field."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
+    from training.common import load_initial_weights
+
+    def model(**overrides):
+        return HierarchicalXLForCausalLM(HierarchicalXLConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=4, intermediate_size=64, **overrides))
+
+    torch.manual_seed(0)
+    trained = model()
+    state = {name: tensor for name, tensor in trained.state_dict().items() if name != "lm_head.weight"}
+    save_file(state, tmp_path / "model.safetensors")
+    for source in (tmp_path / "model.safetensors", tmp_path):
+        torch.manual_seed(1)
+        fresh = model()
+        load_initial_weights(fresh, str(source))
+        for name, tensor in trained.state_dict().items():
+            assert torch.equal(fresh.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="init_from .* does not fit"):
+        load_initial_weights(model(key_shift=True), str(tmp_path))
+    with pytest.raises(ValueError, match="init_from must be a .safetensors file"):
+        load_initial_weights(model(), str(tmp_path / "missing.bin"))

@@ -388,6 +388,25 @@ def test_passkey_training_data_holds_prompts_with_their_answers(passkey, tmp_pat
         passkey.main(["--write-training-data", str(path), "--real-text-fraction", "0.5", "--drill-fraction", "0.5"])
 
 
+def test_passkey_induction_drills_put_the_copy_at_varying_distances(passkey):
+    """--drill-gap N: each fresh key is mentioned twice, "The pass key is K. " + 0..N haystack bytes + "The pass key is
+    K.", so the copy's distance varies (no fixed offset finds it); 0 keeps the back-to-back key sentences."""
+    import random
+
+    haystack = "abcdefghij" * 20
+    text = passkey.copy_drill(random.Random(0), sentences=200, gap=16, haystack=haystack)
+    distances = set()
+    for line in text.splitlines():
+        first, second = line.split("The pass key is ")[1:]
+        key = first[:5]
+        assert key.isdigit() and second == f"{key}." and len(first) - len(f"{key}. ") <= 16
+        distances.add(len(first))
+    assert distances == set(range(7, 7 + 17))  # every gap of 0..16 occurs
+    assert passkey.copy_drill(random.Random(0), sentences=3) == passkey.copy_drill(random.Random(0), sentences=3, gap=0)
+    with pytest.raises(SystemExit):
+        passkey.main(["--write-training-data", "x.jsonl", "--drill-gap", "-1"])
+
+
 def test_a_retrieved_patch_reads_the_same_at_any_distance():
     """Retrieval is position-free: a needle patch read from 3 or 60 patches back gives the same logits (the filler
     in between is one repeated patch, so window and summaries see the same thing), and it is really read (replacing

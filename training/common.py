@@ -77,6 +77,9 @@ class RunConfig:
     tokenizer: str = "byte"  # "byte" (ByteTokenizer), "minilm" (the MiniLM WordPiece), or a folder / Hub id
     # model: keyword arguments of the model config (validated by the config class itself)
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # start from these weights (a training checkpoint's model.safetensors, or a saved model folder holding one)
+    # instead of a fresh initialisation: a second stage of a curriculum, with its own data, optimizer and schedule
+    init_from: str | None = None
     # optimisation
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -641,6 +644,23 @@ def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
     return metric.compute(nll=[nll_sum], num_bytes=[int(num_bytes)])["bits_per_byte"]
 
 
+def load_initial_weights(model: PreTrainedModel, source: str) -> None:
+    """Load `init_from` (safetensors only) into the freshly built `model`; every weight must fit, by name and shape."""
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ValueError(f"init_from must be a .safetensors file or a folder holding model.safetensors, got {source!r}")
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"init_from {source} does not fit the configured model: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}; the run's `model` fields must match the checkpoint's")
+    model.tie_weights()
+
+
 def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a pretraining run; returns the summary also written to ``<output_dir>/final/run_summary.json``."""
     output_dir = Path(config.output_dir)
@@ -668,6 +688,8 @@ def train(config: RunConfig, objective: Objective, resume: bool = False) -> dict
         corpus, dataset = load_corpus(config)
         train_set, eval_set, collate = objective.build_datasets(config, tokenizer, corpus)
     model = objective.build_model(config, tokenizer)
+    if config.init_from is not None and not resume:  # a resumed run's checkpoint holds its weights already
+        load_initial_weights(model, config.init_from)
     set_seed(config.seed, device_specific=True)  # dropout differs between processes, reproducibly
 
     train_loader = DataLoader(train_set, batch_size=config.per_device_batch_size,

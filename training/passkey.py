@@ -326,10 +326,21 @@ def run_benchmark(args) -> dict:
     return summary
 
 
-def copy_drill(rng: random.Random, sentences: int = DRILL_SENTENCES) -> str:
+def copy_drill(rng: random.Random, sentences: int = DRILL_SENTENCES, gap: int = 0, haystack: str = "") -> str:
     """A copy drill: key sentences with fresh keys, back to back. Each key's second mention is a copy of its first
-    from a few bytes back (inside the local window): exact copying is learned here before it is needed far away."""
-    return "".join(KEY_SENTENCE.format(key=random_key(rng)) for _ in range(sentences))
+    from a few bytes back (inside the local window): exact copying is learned here before it is needed far away.
+
+    With `gap > 0` an induction drill instead: "The pass key is K. " + 0..gap bytes of haystack + "The pass key is
+    K.", so the copy sits at a varying distance (23 to 23 + gap bytes back) and only a content lookup ("the token after
+    the previous 'is '", then "after the previous '6'") finds it, never a fixed offset; past the local window the
+    first mention is read through retrieval, where the same lookup has to work."""
+    if gap <= 0:
+        return "".join(KEY_SENTENCE.format(key=random_key(rng)) for _ in range(sentences))
+    pairs = []
+    for _ in range(sentences):
+        key = random_key(rng)
+        pairs.append(f"The pass key is {key}. {filler(haystack, rng.randint(0, gap), rng)}The pass key is {key}.\n")
+    return "".join(pairs)
 
 
 def write_training_data(args) -> int:
@@ -347,7 +358,7 @@ def write_training_data(args) -> int:
             if kind < args.real_text_fraction:
                 text = filler(haystack, distance + LEAD_BYTES + len(INTRO), rng)
             elif kind < args.real_text_fraction + args.drill_fraction:
-                text = copy_drill(rng)
+                text = copy_drill(rng, gap=args.drill_gap, haystack=haystack)
             else:
                 key = random_key(rng)
                 prompt, _ = build_prompt(key, distance, haystack, rng)
@@ -380,7 +391,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--real-text-fraction", type=float, default=0.3)
     parser.add_argument("--drill-fraction", type=float, default=0.0,
                         help=f"fraction of copy drills ({DRILL_SENTENCES} key sentences with fresh keys, back to back)")
+    parser.add_argument("--drill-gap", type=int, default=0,
+                        help="0: copy drills are key sentences back to back (a copy from a fixed 20 bytes back); N > 0: "
+                             "induction drills, the copy 23 to 23 + N bytes back behind 0..N bytes of haystack")
     args = parser.parse_args(argv)
+    if args.drill_gap < 0:
+        parser.error("--drill-gap must be >= 0")
     if (args.checkpoint is None) == (args.write_training_data is None):
         parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
     if any(distance < 1 for distance in args.distances) or args.trials < 1:
