@@ -455,6 +455,10 @@ def test_passkey_copy_loss_scores_exactly_the_second_mention_digits(passkey):
 
     assert passkey.copy_loss(Oracle(False), tokenizer, seed=0) == pytest.approx(0.0, abs=1e-6)
     assert passkey.copy_loss(Oracle(True), tokenizer, seed=0) == pytest.approx(math.log(260), rel=1e-6)
+    haystack = "Plain words, no digits. " * 10  # induction drills: the copy behind 0..16 bytes of it
+    assert passkey.copy_loss(Oracle(False), tokenizer, seed=0, gap=16, haystack=haystack) == pytest.approx(0.0, abs=1e-6)
+    assert passkey.copy_loss(Oracle(True), tokenizer, seed=0, gap=16, haystack=haystack) == pytest.approx(
+        math.log(260), rel=1e-6)
 
 
 def test_passkey_selection_hits_see_which_patches_retrieval_chose(passkey):

@@ -121,21 +121,24 @@ def context_limit(model) -> int | None:
 
 
 @torch.no_grad()
-def copy_loss(model, tokenizer, seed: int, drills: int = 10) -> float:
-    """In-window copying, the skill far recall builds on: the mean loss (nats) of the digits of each key's *second*
-    mention in held-out copy drills (the copy of the first mention 20 bytes back; chance ln 10 = 2.30)."""
-    rng = random.Random(f"{seed}-copy")
+def copy_loss(model, tokenizer, seed: int, drills: int = 10, gap: int = 0, haystack: str = "") -> float:
+    """Copying, the skill far recall builds on: the mean loss (nats) of the digits of each key's *second* mention in
+    held-out copy drills (`copy_drill`; chance ln 10 = 2.30). `gap=0`: the copy of the first mention from a fixed
+    20 bytes back (a positional copy solves it); `gap > 0`: induction drills, the copy 23..23 + gap bytes back behind
+    `haystack` bytes (only a content lookup solves it; past the window, through retrieval)."""
+    rng = random.Random(f"{seed}-copy" if gap == 0 else f"{seed}-induction-{gap}")
     losses = []
     for _ in range(drills):
-        text = copy_drill(rng, 10)
+        text = copy_drill(rng, 10, gap=gap, haystack=haystack)
         ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         token_loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         offset, start = ids.shape[1] - len(text), 0  # a leading BOS, if the tokenizer adds one
         for _ in range(10):
-            key = text.index(". Remember it. ", start) + len(". Remember it. ")
-            losses.append(token_loss[offset + key - 1 : offset + key + 4])  # predicting the 5 digits
-            start = key
+            first = text.index("The pass key is ", start) + len("The pass key is ")
+            second = text.index(text[first : first + 5], first + 5)
+            losses.append(token_loss[offset + second - 1 : offset + second + 4])  # predicting the 5 digits
+            start = second + 5
     return float(torch.cat(losses).mean())
 
 
@@ -221,20 +224,22 @@ def load(folder: str, weights: str | None = None):
 
 def markdown(rows: dict[str, dict], distances) -> str:
     notes = []
-    header = "| model | " + " | ".join(f"{d} B" for d in distances) + " | in-window copy |"
-    lines = [header, "|" + "---|" * (len(distances) + 2)]
+    header = "| model | " + " | ".join(f"{d} B" for d in distances) + " | in-window copy | induction copy |"
+    lines = [header, "|" + "---|" * (len(distances) + 3)]
     for name, results in rows.items():
         cells = []
         for distance in distances:
             result = results[str(distance)]
             cells.append("n/a" if result["exact_match"] is None else
                          f"{result['exact_match']:.2f} ({result['digits']:.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {results['copy_loss']:.2f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {results['copy_loss']:.2f} | "
+                     f"{results.get('induction_loss', float('nan')):.2f} |")
         for distance, rates in results.get("selection_hits", {}).items():
             notes.append(f"{name}: key patch chosen at {distance} B, per layer: "
                          + " / ".join(f"{rate:.2f}" for rate in rates))
     return "\n".join(lines) + ("\n\nexact match (digit accuracy); chance: 0.00001 (0.10). In-window copy: loss (nats) "
-                               "of a key's second mention in held-out copy drills; chance 2.30, copying ~0") \
+                               "of a key's second mention in held-out copy drills, 20 bytes back; induction copy: the same 23-39 bytes "
+                               "back behind haystack (a content lookup); chance 2.30, copying ~0") \
         + "".join(f"\n{note}" for note in notes)
 
 
@@ -269,7 +274,8 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
     """The rows of one model: itself and, for a HierarchicalXL model with retrieval on, the same weights with it off."""
     def score() -> dict:
         return (evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
-                | {"copy_loss": copy_loss(model, tokenizer, args.seed)})
+                | {"copy_loss": copy_loss(model, tokenizer, args.seed),
+                   "induction_loss": copy_loss(model, tokenizer, args.seed, gap=16, haystack=haystack)})
 
     rows = {name: score()}
     if args.selection is not None and getattr(model.config, "retrieval_top_k", 0) > 0:
