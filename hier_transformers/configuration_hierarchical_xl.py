@@ -40,8 +40,9 @@ class HierarchicalXLConfig(PreTrainedConfig):
        window and the summaries, each placed (re-rotated) in the `patch_size` positions right before the window,
        and each patch weighs as one key whose logit is its content logit (Landmark Attention's grouped softmax:
        token logit - logsumexp of its patch's token logits + the patch's content logit): position-free, so a model
-       reads a longer `retrieval_window` than it trained with. In training mode every selectable patch is read
-       (so the score of every candidate learns, not only of those chosen); in eval mode the top `retrieval_top_k`.
+       reads a longer `retrieval_window` than it trained with. In training mode the unchosen selectable patches
+       also join, each as one key of its content logit with its summary as value (NSA's compressed branch), so the
+       score of every candidate learns, not only of those chosen; eval reads only the top `retrieval_top_k`.
 
     Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
     [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by

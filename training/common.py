@@ -644,19 +644,20 @@ def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
     return metric.compute(nll=[nll_sum], num_bytes=[int(num_bytes)])["bits_per_byte"]
 
 
-def load_initial_weights(model: PreTrainedModel, source: str) -> None:
-    """Load `init_from` (safetensors only) into the freshly built `model`; every weight must fit, by name and shape."""
+def load_initial_weights(model: PreTrainedModel, source: str, argument: str = "init_from") -> None:
+    """Load `source` (safetensors only: a file, or a folder holding model.safetensors) into `model`; every weight
+    must fit, by name and shape. `argument` names what the user passed it as, in the error."""
     from safetensors.torch import load_file
 
     path = Path(source)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file() or path.suffix != ".safetensors":
-        raise ValueError(f"init_from must be a .safetensors file or a folder holding model.safetensors, got {source!r}")
+        raise ValueError(f"{argument} must be a .safetensors file or a folder holding model.safetensors, got {source!r}")
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"init_from {source} does not fit the configured model: missing {sorted(set(missing) - tied)}, "
+        raise ValueError(f"{argument} {source} does not fit the configured model: missing {sorted(set(missing) - tied)}, "
                          f"unexpected {sorted(unexpected)}; the run's `model` fields must match the checkpoint's")
     model.tie_weights()
 

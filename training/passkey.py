@@ -206,19 +206,15 @@ def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int,
 def load(folder: str, weights: str | None = None):
     """A saved model folder and its tokenizer; `weights`: a safetensors state dict (a training checkpoint's
     `model.safetensors`) loaded over the folder's weights, for learning curves."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hier_transformers  # noqa: F401  registers the package's classes (remote code works as well)
+    from training.common import load_initial_weights
 
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     if weights is not None:
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise ValueError(f"--weights {weights} does not fit {folder}: missing {missing}, unexpected {unexpected}.")
-        model.tie_weights()
+        load_initial_weights(model, weights, argument="--weights")
     return model, tokenizer
 
 
