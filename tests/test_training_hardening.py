@@ -144,7 +144,8 @@ def test_one_text_file_trains_with_a_validation_split_by_bytes(book, tmp_path):
 
 def test_one_text_file_split_into_documents_by_line(book, tmp_path):
     lines = [line for line in book.read_text().splitlines() if line.strip()]
-    succeeded(mlm({**RUN, "output_dir": tmp_path, "data_files": f"[{book}]", "document_separator": "line",
+    # `--data_files book.txt`, a bare path as a user types it, is a list of one
+    succeeded(mlm({**RUN, "output_dir": tmp_path, "data_files": str(book), "document_separator": "line",
                    "max_train_documents": "null", "max_eval_documents": "null"}))
     run = summary(tmp_path)
     assert run["train_documents"] + run["validation_documents"] == len(lines)

@@ -407,6 +407,24 @@ def test_passkey_induction_drills_put_the_copy_at_varying_distances(passkey):
         passkey.main(["--write-training-data", "x.jsonl", "--drill-gap", "-1"])
 
 
+def test_passkey_string_drills_repeat_a_random_string_behind_haystack(passkey):
+    """--drill-strings F: a fraction F of the induction pairs are "X <0..gap haystack bytes> X" for a random string X
+    of 4..12 letters and digits (the dense copies induction forms on); the rest stay key sentences."""
+    import random
+
+    text = passkey.copy_drill(random.Random(0), sentences=400, gap=16, haystack="." * 50, strings=0.5)
+    lines = text.splitlines()
+    strings = [line for line in lines if not line.startswith("The pass key is ")]
+    assert 150 < len(strings) < 250 and len({line.split(" ")[0] for line in strings}) == len(strings)
+    for line in strings:
+        first, gap, second = line.split(" ")
+        assert first == second and 4 <= len(first) <= 12 and set(first) <= set(passkey.STRING_ALPHABET)
+        assert set(gap) <= {"."} and len(gap) <= 16
+    assert all(line.count("The pass key is ") == 2 for line in lines if line not in strings)
+    with pytest.raises(SystemExit):  # random strings are induction pairs: they need a gap
+        passkey.main(["--write-training-data", "x.jsonl", "--drill-fraction", "0.3", "--drill-strings", "0.5"])
+
+
 def test_a_retrieved_patch_reads_the_same_at_any_distance():
     """Retrieval is position-free: a needle patch read from 3 or 60 patches back gives the same logits (the filler
     in between is one repeated patch, so window and summaries see the same thing), and it is really read (replacing

@@ -245,6 +245,8 @@ def _as_type(value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
     elif origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            return [value]  # `--data_files my.csv`: one path is a list of one
         if isinstance(value, list):
             item = args[0] if args else Any
             # a file named 2024.txt reads as text, but one named 2024 reads as an int: list items may be scalars

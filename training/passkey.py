@@ -47,6 +47,7 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 LEAD_BYTES = 128  # haystack between the instruction and the key sentence
 DEFAULT_DISTANCES = (1024, 4096, 16384, 65536)
 DRILL_SENTENCES = 30
+STRING_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # random strings of the induction drills
 
 
 def load_haystack(corpus: str, split: str) -> str:
@@ -328,20 +329,30 @@ def run_benchmark(args) -> dict:
     return summary
 
 
-def copy_drill(rng: random.Random, sentences: int = DRILL_SENTENCES, gap: int = 0, haystack: str = "") -> str:
+def copy_drill(
+    rng: random.Random, sentences: int = DRILL_SENTENCES, gap: int = 0, haystack: str = "", strings: float = 0.0
+) -> str:
     """A copy drill: key sentences with fresh keys, back to back. Each key's second mention is a copy of its first
     from a few bytes back (inside the local window): exact copying is learned here before it is needed far away.
 
     With `gap > 0` an induction drill instead: "The pass key is K. " + 0..gap bytes of haystack + "The pass key is
     K.", so the copy sits at a varying distance (23 to 23 + gap bytes back) and only a content lookup ("the token after
     the previous 'is '", then "after the previous '6'") finds it, never a fixed offset; past the local window the
-    first mention is read through retrieval, where the same lookup has to work."""
+    first mention is read through retrieval, where the same lookup has to work.
+
+    `strings`: the fraction of an induction drill's pairs that are a random string of 4..12 lowercase letters and
+    digits, haystack, the string again: 3 to 11 of its bytes are copies (a key sentence's 5 of 40), the dense signal
+    in which induction (content) copying forms; the key sentences tie it to the passkey's words."""
     if gap <= 0:
         return "".join(KEY_SENTENCE.format(key=random_key(rng)) for _ in range(sentences))
     pairs = []
     for _ in range(sentences):
-        key = random_key(rng)
-        pairs.append(f"The pass key is {key}. {filler(haystack, rng.randint(0, gap), rng)}The pass key is {key}.\n")
+        if rng.random() < strings:
+            text = "".join(rng.choice(STRING_ALPHABET) for _ in range(rng.randint(4, 12)))
+            pairs.append(f"{text} {filler(haystack, rng.randint(0, gap), rng)} {text}\n")
+        else:
+            key = random_key(rng)
+            pairs.append(f"The pass key is {key}. {filler(haystack, rng.randint(0, gap), rng)}The pass key is {key}.\n")
     return "".join(pairs)
 
 
@@ -360,7 +371,7 @@ def write_training_data(args) -> int:
             if kind < args.real_text_fraction:
                 text = filler(haystack, distance + LEAD_BYTES + len(INTRO), rng)
             elif kind < args.real_text_fraction + args.drill_fraction:
-                text = copy_drill(rng, gap=args.drill_gap, haystack=haystack)
+                text = copy_drill(rng, gap=args.drill_gap, haystack=haystack, strings=args.drill_strings)
             else:
                 key = random_key(rng)
                 prompt, _ = build_prompt(key, distance, haystack, rng)
@@ -396,9 +407,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--drill-gap", type=int, default=0,
                         help="0: copy drills are key sentences back to back (a copy from a fixed 20 bytes back); N > 0: "
                              "induction drills, the copy 23 to 23 + N bytes back behind 0..N bytes of haystack")
+    parser.add_argument("--drill-strings", type=float, default=0.0,
+                        help="fraction of an induction drill's pairs that are random strings (dense copies) instead "
+                             "of key sentences (needs --drill-gap > 0)")
     args = parser.parse_args(argv)
     if args.drill_gap < 0:
         parser.error("--drill-gap must be >= 0")
+    if not 0.0 <= args.drill_strings <= 1.0 or args.drill_strings and not args.drill_gap:
+        parser.error("--drill-strings must be in [0, 1], and > 0 only for induction drills (--drill-gap > 0)")
     if (args.checkpoint is None) == (args.write_training_data is None):
         parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
     if any(distance < 1 for distance in args.distances) or args.trials < 1:
