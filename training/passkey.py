@@ -92,25 +92,16 @@ def score_answer(answer: str, key: str) -> tuple[bool, float]:
 def greedy_answer(model, tokenizer, prompt: str, new_tokens: int, chunk: int) -> str:
     """Prefill `prompt` in chunks through the model's cache, then decode `new_tokens` greedily."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
-    is_xl = model.config.model_type == "hierarchical_xl"
     cache, logits = None, None
-    for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start : start + chunk]
-        if is_xl:
-            output = model(piece, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = output.cache
-        else:
-            output = model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = output.past_key_values
-        logits = output.logits[:, -1]
+    for start in range(0, ids.shape[1], chunk):  # `cache` is every model's argument in transformers 5
+        output = model(ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = output.cache, output.logits[:, -1]
     answer = []
     for _ in range(new_tokens):
         token = logits.argmax(-1, keepdim=True)
         answer.append(int(token))
-        output = model(token, cache=cache, use_cache=True) if is_xl else model(
-            token, past_key_values=cache, use_cache=True
-        )
-        logits = output.logits[:, -1]
+        output = model(token, cache=cache, use_cache=True)
+        cache, logits = output.cache, output.logits[:, -1]
     return tokenizer.decode(answer, skip_special_tokens=True)
 
 
