@@ -340,10 +340,11 @@ def copy_drill(
     for _ in range(sentences):
         if rng.random() < strings:
             text = "".join(rng.choice(STRING_ALPHABET) for _ in range(rng.randint(4, 12)))
-            pairs.append(f"{text} {filler(haystack, rng.randint(0, gap), rng)} {text}\n")
+            first, second = f"{text} ", f" {text}\n"
         else:
             key = random_key(rng)
-            pairs.append(f"The pass key is {key}. {filler(haystack, rng.randint(0, gap), rng)}The pass key is {key}.\n")
+            first, second = f"The pass key is {key}. ", f"The pass key is {key}.\n"
+        pairs.append(first + filler(haystack, rng.randint(0, gap), rng) + second)
     return "".join(pairs)
 
 
