@@ -64,6 +64,12 @@ class HierarchicalXLConfig(PreTrainedConfig):
         retrieval_top_k: far patches each query reads at full resolution (0 = off: the model without retrieval).
         retrieval_window: number of most recent positions whose tokens stay retrievable (the cache keeps their
             keys/values); at least `local_window`. Only used when `retrieval_top_k > 0`.
+        retrieval_softmax: how the chosen patches' tokens join the one softmax of the window and the summaries.
+            "grouped" (Landmark Attention): each chosen patch weighs as one key whose logit is its gate (the query's
+            content logit of the patch summary) and shares that weight among its tokens by their own softmax.
+            "joint": every retrieved token is one more key of its own logit, as a window token (the selection
+            branch of Native Sparse Attention, in the same softmax): a query can put its weight on one token of a
+            patch, whatever the patch's summary says.
         key_shift: each key also carries the previous token's key, through a learned per-channel weight
             (initialised at 0): `k_t + w * k_(t-1)`, before RoPE (a width-2 depthwise convolution of the keys, as in
             Primer; Olsson et al.'s "smeared key"). One layer can then match "the token after X", which exact copying
@@ -94,6 +100,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
     max_section_summaries: int = 32
     retrieval_top_k: int = 0
     retrieval_window: int = 16384
+    retrieval_softmax: str = "grouped"
     key_shift: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -157,6 +164,8 @@ class HierarchicalXLConfig(PreTrainedConfig):
                 f"`retrieval_window` must be an integer >= `local_window` ({self.local_window}) when retrieval is on "
                 f"(`retrieval_top_k` > 0): the window's own tokens are never retrieved, got {self.retrieval_window!r}."
             )
+        if self.retrieval_softmax not in ("grouped", "joint"):
+            raise ValueError(f"`retrieval_softmax` must be 'grouped' or 'joint', got {self.retrieval_softmax!r}.")
         check_positive_numbers(self, ("rope_theta", "rms_norm_eps", "initializer_range"))
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")

@@ -64,8 +64,8 @@ def visible_ranges(
         ranges["patches"] = (folded * config.section_size, done)
         ranges["sections"] = (folded - config.max_section_summaries, folded)
     if config.retrieval_top_k > 0:  # patches starting outside the window whose tokens are all in the retrieval window
-        ranges["selectable"] = (
-            (positions - config.retrieval_window) // config.patch_size + 1,
+        ranges["selectable"] = (  # (patch indices below 0 do not exist: a young stream scores only what it has)
+            ((positions - config.retrieval_window) // config.patch_size + 1).clamp_min(0),
             (positions - config.local_window) // config.patch_size + 1,
         )
     return ranges
@@ -151,7 +151,8 @@ class AttentionPlan:
 class RetrievedPatches:
     """What a block of queries reads of the far patches (`HierarchicalXLAttention.retrieve`), N = batch * blocks."""
 
-    keys: torch.Tensor  # [N, h, q, k, patch_size, d] tokens of each query's chosen patches, placed before its window
+    queries: torch.Tensor  # [N, h, q, k, d] each query turned per chosen patch so that its tokens sit before the window
+    keys: torch.Tensor  # [N, h, q, k, patch_size, d] the chosen patches' token keys as cached (RoPE at their position)
     values: torch.Tensor  # [N, h, q, k, patch_size, d]
     mask: torch.Tensor  # [N, 1, q, k, patch_size] bool, which of them each query reads (outside its window)
     gate: torch.Tensor  # [N, h, q, k] each chosen patch's logit: its content logit per head
@@ -362,7 +363,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if self.config.retrieval_top_k > 0:
             content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
             retrieved = self.retrieve(content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan)
-            output = self.attend_with_retrieval(query, content_query, block_keys, block_values, plan.mask, retrieved)
+            output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, retrieved)
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
@@ -386,44 +387,31 @@ class HierarchicalXLAttention(MultiHeadAttention):
 
     @torch.no_grad()
     def select_patches(
-        self, query: torch.Tensor, ring_keys: torch.Tensor | None, new_keys: torch.Tensor, plan: AttentionPlan
+        self, logits: torch.Tensor, plan: AttentionPlan
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each query's `retrieval_top_k` selectable patches of highest importance, NSA's rule: per head, the softmax
-        over the query's selectable patches of their content logits (query . summary key, both before RoPE: the
-        gates), summed over the heads (one set of patches per query, shared by its heads; any one head that wants a
-        patch can have it, where a mean of logits lets the other heads veto it). Each logit first loses `RECENCY`
-        per patch of age: two patches of equal content (repeated text) differ by far more than float noise and the
-        newer wins, so the choice does not depend on how a text was cut into calls. The score is the log of that sum.
+        over the query's selectable patches of their content logits (the gates), summed over the heads (one set of
+        patches per query, shared by its heads; any one head that wants a patch can have it, where a mean of logits
+        lets the other heads veto it). Each logit first loses `RECENCY` per patch of age: two patches of equal content
+        (repeated text) differ by far more than float noise and the newer wins, so the choice does not depend on how a
+        text was cut into calls. The score is the log of that sum.
 
-        query [B * nb, h, block, d] (before RoPE); the patch summary keys (before RoPE) of the ring cache
-        [B, h, slots, d] (None without a cache) and of this chunk [B, h, U, d]. All of them are scored against the
-        queries in one matmul, then each candidate of `plan.select_index` takes its logits by index. -> chosen patch
-        indices (in index order) and whether each choice is a real one (fewer may be selectable), both
-        [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf = not selectable;
-        k + 1 only while that many candidates)."""
-        batch, heads, _, dim = new_keys.shape
-        query = query.float().view(batch, plan.num_blocks, heads, -1, dim).transpose(1, 2).flatten(2, 3)
-        keys = new_keys if ring_keys is None else torch.cat([ring_keys, new_keys], dim=2)  # [B, h, T, d]
-        logits = torch.matmul(query, keys.float().transpose(2, 3)) * self.scaling  # [B, h, nb * q, T]
-        logits = logits.unflatten(2, (plan.num_blocks, -1)).transpose(1, 2).flatten(0, 1)  # [B * nb, h, q, T]
-        offset = plan.select_index - plan.first_new["patches"].repeat_interleave(plan.num_blocks)[:, None]
-        slots = offset.clamp(0, new_keys.shape[2] - 1)  # [B * nb, w] the candidates' columns of `logits`
-        if ring_keys is not None:
-            ring = ring_keys.shape[2]
-            slots = torch.where(offset < 0, ring_slot(plan.select_index, ring), ring + slots)
-        logits = logits.gather(3, slots[:, None, None, :].expand(-1, heads, plan.block, -1))  # [B * nb, h, q, w]
+        logits [B * nb, h, block, w]: each query's content logit of each candidate of `plan.select_index` (fp32). ->
+        the chosen candidates' columns (in index order) and whether each choice is a real one (fewer may be
+        selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf =
+        not selectable; k + 1 only while that many candidates)."""
         # minus RECENCY per patch of age = plus RECENCY per patch after the block's first candidate, up to a
         # constant per query, which the softmax drops; small numbers however long the stream
         newer = (plan.select_index - plan.select_index[:, :1]).float()[:, None, None]  # [B * nb, 1, 1, w]
         lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
-        logits = (logits + RECENCY * newer).masked_fill(~plan.select_mask[:, None], lowest)
-        score = logits.softmax(dim=-1).sum(dim=1).log().masked_fill(~plan.select_mask, float("-inf"))  # [B * nb, q, w]
-        width = score.shape[-1]
+        logits = torch.where(plan.select_mask[:, None], logits + RECENCY * newer, lowest)
+        importance = logits.softmax(dim=-1).sum(dim=1).masked_fill(~plan.select_mask, -1.0)  # [B * nb, q, w]
+        width = importance.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)
-        best, spots = score.topk(min(top_k + 1, width), dim=-1)  # [B * nb, q, k + 1], descending
+        best, spots = importance.topk(min(top_k + 1, width), dim=-1)  # [B * nb, q, k + 1], descending
+        best = best.clamp_min(0).log()  # the log of the few best only (-inf = not selectable)
         spots, order = spots[..., :top_k].sort(dim=-1)  # the chosen in index order
-        chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
-        return chosen, best[..., :top_k].gather(-1, order) > float("-inf"), best
+        return spots, best[..., :top_k].gather(-1, order) > float("-inf"), best
 
     def retrieve(
         self,
@@ -436,30 +424,34 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """What each query of each block reads of the far patches (`content_query` [B * nb, h, block, d], before
         RoPE; `content_patches`: this chunk's patch summary keys before RoPE and values [B, h, U, d]).
 
-        Each query reads the tokens of its `retrieval_top_k` chosen patches (`select_patches`) outside its window,
-        placed in the `patch_size` positions right before the window: a key stored rotated at position j * P + o is
-        re-rotated by one angle per patch so that the query, read before its RoPE, sees it at distance
-        `local_window - 1 + P - o`, whatever j is. Each chosen patch weighs as one key whose logit is its gate, the
-        patch's content logit per head. In training mode the other selectable patches join as that key with their
-        summary as value (Native Sparse Attention's compressed branch), so the loss reaches the score of every
-        candidate, not only of the chosen ones. Reads the ring's summary keys once and, by index, only what is read."""
+        Every query scores the block's candidates (`plan.select_index`, summary keys read by index from the ring and
+        this chunk) once: its content logits (query . summary key, both before RoPE) choose its `retrieval_top_k`
+        patches (`select_patches`) and are the gates. Each query reads the tokens of its chosen patches outside its
+        window, placed in the `patch_size` positions right before the window: a key stored rotated at position
+        j * P + o is seen at distance `local_window - 1 + P - o` by the query turned by one angle per chosen patch,
+        whatever j is. Each chosen patch weighs as one key whose logit is its gate, the patch's content logit per
+        head. In training mode the other selectable patches join as that key with their summary as value (Native
+        Sparse Attention's compressed branch), so the loss reaches the score of every candidate, not only of the
+        chosen ones."""
         batch, heads, _, dim = new["tokens"][0].shape
         patch, blocks = self.config.patch_size, content_query.shape[0]
         if plan.select_index is None:  # no query of this chunk has a selectable patch yet
             keys = content_query.new_zeros(blocks, heads, plan.block, 0, patch, dim)
             mask = torch.zeros(blocks, 1, plan.block, 0, patch, dtype=torch.bool, device=content_query.device)
-            return RetrievedPatches(keys, keys, mask, content_query.new_zeros(blocks, heads, plan.block, 0))
-        ring = None
-        if cache_layer is not None:  # the ring's summary keys (kept before RoPE)
-            ring = cache_layer.cached("patches")[0]
-        chosen, real, _ = self.select_patches(content_query, ring, content_patches[0], plan)  # [B * nb, q, k]
-        top_k = chosen.shape[-1]
+            queries = content_query.new_zeros(blocks, heads, plan.block, 0, dim)
+            return RetrievedPatches(queries, keys, keys, mask, content_query.new_zeros(blocks, heads, plan.block, 0))
 
-        def summaries(cached: torch.Tensor | None, states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return read_indices(cached, states, plan.first_new["patches"], index.view(batch, plan.num_blocks, -1))
+        def summaries(cached: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:  # -> [B * nb, h, w, d]
+            index = plan.select_index.view(batch, plan.num_blocks, -1)
+            return read_indices(cached, states, plan.first_new["patches"], index).flatten(0, 1)
 
-        summary_keys = summaries(ring, content_patches[0], chosen).view(blocks, heads, plan.block, top_k, dim)
-        gate = torch.einsum("nhqd,nhqkd->nhqk", content_query, summary_keys) * self.scaling
+        ring = cache_layer.cached("patches") if cache_layer is not None else (None, None)  # keys kept before RoPE
+        candidates = summaries(ring[0], content_patches[0]).float()  # [B * nb, h, w, d]
+        logits = torch.matmul(content_query.float() * self.scaling, candidates.transpose(2, 3))  # [B * nb, h, q, w]
+        spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+        top_k = spots.shape[-1]
+        chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)  # patch indices
+        gate = logits.gather(3, spots[:, None].expand(-1, heads, -1, -1))  # [B * nb, h, q, k]
         members = chosen[..., None] * patch + torch.arange(patch, device=chosen.device)  # [B * nb, q, k, P] positions
         attended = real[..., None] & (members <= plan.window_last[..., None, None])  # the window's are already in
 
@@ -469,23 +461,19 @@ class HierarchicalXLAttention(MultiHeadAttention):
                                   members.view(batch, plan.num_blocks, -1))  # [B, nb, h, n, d]
             return states.view(blocks, heads, plan.block, top_k, patch, dim)
 
-        cos, sin = plan.rotary(-((chosen + 1) * patch + self.config.local_window - 1), content_query.dtype)
-        keys = apply_rotary(read(0), cos[:, None, :, :, None], sin[:, None, :, :, None])  # cos: [B * nb, q, k, d]
-        retrieved = RetrievedPatches(keys, read(1), attended[:, None], gate)
+        cos, sin = plan.rotary((chosen + 1) * patch + self.config.local_window - 1, content_query.dtype)
+        queries = apply_rotary(content_query[:, :, :, None], cos[:, None], sin[:, None])  # [B * nb, h, q, k, d]
+        retrieved = RetrievedPatches(queries, read(0), read(1), attended[:, None], gate)
         if self.training:  # every other candidate of the block, as one key: its summary
-            candidates = plan.select_index  # [B * nb, w]
-            ring_values = cache_layer.cached("patches")[1] if cache_layer is not None else None
-            candidate_keys = summaries(ring, content_patches[0], candidates).view(blocks, heads, -1, dim)
-            was_chosen = (candidates[:, None, :, None] == torch.where(real, chosen, -1)[:, :, None, :]).any(-1)
-            retrieved.summary_logits = torch.matmul(content_query, candidate_keys.transpose(2, 3)) * self.scaling
-            retrieved.summary_values = summaries(ring_values, content_patches[1], candidates).view_as(candidate_keys)
+            was_chosen = torch.zeros_like(plan.select_mask).scatter_(2, spots, real)  # [B * nb, q, w]
+            retrieved.summary_logits = logits
+            retrieved.summary_values = summaries(ring[1], content_patches[1])
             retrieved.summary_mask = (plan.select_mask & ~was_chosen)[:, None]  # [B * nb, 1, q, w]
         return retrieved
 
     def attend_with_retrieval(
         self,
         query: torch.Tensor,
-        content_query: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         mask: torch.Tensor,
@@ -494,13 +482,13 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """One softmax over a block's keys (window, summaries: shared by its queries) and what each query reads of the
         far patches, where a chosen patch weighs as one key whose logit is its gate and shares that weight among its
         tokens by their own softmax (Landmark Attention's grouped softmax: token logit - logsumexp of its patch's
-        token logits + gate). query (RoPE) and content_query (before RoPE) [N, h, q, d], keys/values [N, h, K, d],
-        mask [N, 1, q, K] -> [N, q, hidden]."""
+        token logits + gate). query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
         shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
-        own = torch.einsum("nhqd,nhqkpd->nhqkp", content_query, retrieved.keys) * self.scaling
+        own = torch.einsum("nhqkd,nhqkpd->nhqkp", retrieved.queries, retrieved.keys) * self.scaling
         lowest = torch.finfo(torch.float32).min  # finite: a patch none of whose tokens is read stays NaN-free
         own = own.float().masked_fill(~retrieved.mask, lowest)  # [N, h, q, k, P]
-        own = own - own.logsumexp(dim=-1, keepdim=True) + retrieved.gate[..., None].float()
+        if self.config.retrieval_softmax == "grouped":
+            own = own - own.logsumexp(dim=-1, keepdim=True) + retrieved.gate[..., None].float()
         parts = [shared.float().masked_fill(~mask, float("-inf")),
                  own.masked_fill(~retrieved.mask, float("-inf")).flatten(3)]
         if retrieved.summary_logits is not None:

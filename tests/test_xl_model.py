@@ -68,8 +68,9 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     j with t - R < j P <= t - W, the K with the highest score (per head the softmax over them of the content logit,
     query . summary key before RoPE * scaling - RECENCY per patch of age, summed over heads; ties to the older patch); their tokens outside the window join the
     softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
-    is its content logit (token logit - logsumexp of its patch's + content logit). In training mode every other
-    selectable patch joins as one key of its content logit with its summary value."""
+    is its content logit (token logit - logsumexp of its patch's + content logit; `retrieval_softmax="joint"`: each
+    token one key of its own logit). In training mode every other selectable patch joins as one key of its content
+    logit with its summary value."""
     config, layer = model.config, model.model.layers[0]
     attn = layer.self_attn
     P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
@@ -120,8 +121,10 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
                 far_keys = apply_rotary(k_raw[0][:, far], far_cos, far_sin)
                 logits = torch.einsum("hd,hkd->hk", q[0, :, t], far_keys) * attn.scaling
                 gate = content[:, i : i + 1] * attn.scaling  # the patch weighs as one key of this logit
-                # added to the bias, so that (q . key) * scaling + bias = logits - logsumexp(logits) + gate
-                bias = torch.cat([bias, (gate - logits.logsumexp(1, keepdim=True)).expand(-1, len(far))], 1)
+                # grouped: added to the bias, so that (q . key) * scaling + bias = logits - logsumexp(logits) + gate;
+                # joint: each token is one key of its own logit
+                grouped = (gate - logits.logsumexp(1, keepdim=True)).expand(-1, len(far))
+                bias = torch.cat([bias, grouped if config.retrieval_softmax == "grouped" else 0 * grouped], 1)
                 key = torch.cat([key, far_keys], 1)
                 value = torch.cat([value, v[0][:, far]], 1)
         weights = torch.softmax(torch.einsum("hd,hkd->hk", q[0, :, t], key) * attn.scaling + bias, dim=-1)
@@ -140,7 +143,9 @@ def shifted_model(**overrides) -> HierarchicalXLForCausalLM:
 
 
 @pytest.mark.parametrize("key_shift", [False, True])
-@pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3)])
+@pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3),
+                                       dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3,
+                                            retrieval_softmax="joint")])
 @pytest.mark.parametrize("length", [23, 64])
 @pytest.mark.parametrize("training", [False, True])
 def test_block_local_forward_equals_dense_rule(length, retrieval, key_shift, training):

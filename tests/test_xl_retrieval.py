@@ -4,6 +4,8 @@ cache. The rule itself is checked against a dense reference in test_xl_model.py.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,15 +37,15 @@ def margins(monkeypatch):
     gaps = []
     select = HierarchicalXLAttention.select_patches
 
-    def recording(self, query, *keys_and_plan):
-        chosen, real, best = select(self, query, *keys_and_plan)
+    def recording(self, logits, plan):
+        spots, real, best = select(self, logits, plan)
         k = self.config.retrieval_top_k
         if best.shape[-1] > k:
             gap = best[..., k - 1] - best[..., k]  # nan/inf where fewer than k + 1 are selectable
-            is_query = query.abs().sum(dim=(1, 3)) > 0  # [N, block]: the block padding has zero queries
+            is_query = logits.abs().sum(dim=(1, 3)) > 0  # [N, block]: the block padding has zero queries (logits)
             gap = torch.where(torch.isfinite(gap) & is_query, gap, float("inf"))
             gaps.append(gap.min())
-        return chosen, real, best
+        return spots, real, best
 
     monkeypatch.setattr(HierarchicalXLAttention, "select_patches", recording)
     return gaps
@@ -67,7 +69,7 @@ def test_retrieval_off_leaves_model_and_cache_untouched():
 @pytest.mark.parametrize(
     "overrides, field",
     [(dict(retrieval_top_k=-1), "retrieval_top_k"), (dict(retrieval_top_k=1.5), "retrieval_top_k"),
-     (dict(retrieval_window=5), "retrieval_window")],
+     (dict(retrieval_window=5), "retrieval_window"), (dict(retrieval_softmax="flat"), "retrieval_softmax")],
 )
 def test_config_rejects_invalid_retrieval_values(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -489,3 +491,35 @@ def test_passkey_selection_hits_see_which_patches_retrieval_chose(passkey):
     assert passkey.selection_hits(everything, ByteTokenizer(), 64, 2, haystack, seed=0) == [1.0, 1.0]
     short = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=24)
     assert passkey.selection_hits(short, ByteTokenizer(), 64, 2, haystack, seed=0) == [0.0, 0.0]
+
+
+def test_passkey_digit_probe_reads_each_answer_digit_and_its_patch(passkey):
+    """Teacher forced: a model that always predicts the next byte gets every digit (1.0), one blind on digits none
+    (0.0); with top_k >= every selectable patch each digit's query chose that digit's patch in every layer (1.0),
+    with a retrieval window that ends before the key never (0.0)."""
+    from hier_transformers import ByteTokenizer
+
+    tokenizer, haystack = ByteTokenizer(), "Some held-out text, nothing else. " * 30
+    digits = set(tokenizer("0123456789", add_special_tokens=False)["input_ids"])
+
+    class Oracle(torch.nn.Module):
+        config = SimpleNamespace(model_type="llama", num_hidden_layers=1)
+
+        def __init__(self, blind_on_digits: bool):
+            super().__init__()
+            self.blind, self.device = blind_on_digits, torch.device("cpu")
+
+        def forward(self, ids, **kwargs):
+            logits = torch.zeros(1, ids.shape[1], 260)
+            for t in range(ids.shape[1] - 1):
+                if not (self.blind and int(ids[0, t + 1]) in digits):
+                    logits[0, t, int(ids[0, t + 1])] = 1e4
+            return SimpleNamespace(logits=logits)
+
+    assert passkey.digit_probe(Oracle(False), tokenizer, 64, 3, haystack, seed=0)["teacher_forced"] == [1.0] * 5
+    assert passkey.digit_probe(Oracle(True), tokenizer, 64, 3, haystack, seed=0)["teacher_forced"] == [0.0] * 5
+    everything = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=1024)
+    probe = passkey.digit_probe(everything, tokenizer, 64, 2, haystack, seed=0)
+    assert probe["target_patch_chosen"] == [[1.0] * 5] * 2 and len(probe["teacher_forced"]) == 5
+    short = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=24)
+    assert passkey.digit_probe(short, tokenizer, 64, 2, haystack, seed=0)["target_patch_chosen"] == [[0.0] * 5] * 2

@@ -143,10 +143,11 @@ def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, 
 
     chosen, select = [], HierarchicalXLAttention.select_patches
 
-    def recording(self, *args):
-        result = select(self, *args)
-        chosen.append(torch.where(result[1], result[0], -1).flatten(0, 1))  # [positions (padded), k], -1: none
-        return result
+    def recording(self, logits, plan):
+        spots, real, best = select(self, logits, plan)
+        patches = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
+        chosen.append(torch.where(real, patches, -1).flatten(0, 1))  # [positions (padded), k], -1: none
+        return spots, real, best
 
     rng, patch = random.Random(f"{seed}-{distance}"), model.config.patch_size
     hits = torch.zeros(model.config.num_hidden_layers)
@@ -168,6 +169,53 @@ def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, 
     finally:
         HierarchicalXLAttention.select_patches = select
     return (hits / trials).tolist()
+
+
+@torch.no_grad()
+def digit_probe(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> dict[str, list]:
+    """Where a far copy breaks, digit by digit (teacher forced: the true digits are fed, each prediction read). One
+    uncached forward over prompt + key per trial. -> "teacher_forced": per answer digit, how often the model predicts
+    it; for a HierarchicalXL model with retrieval on also "target_patch_chosen": per layer and answer digit, how often
+    the query predicting digit i chose a patch holding digit i of either mention (can the layer read it at all?)."""
+    from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
+
+    retrieval = model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0
+    chosen, select = [], HierarchicalXLAttention.select_patches
+
+    def recording(self, logits, plan):
+        spots, real, best = select(self, logits, plan)
+        patches = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
+        chosen.append(torch.where(real, patches, -1).flatten(0, 1))  # [positions (padded), k], -1: none
+        return spots, real, best
+
+    rng = random.Random(f"{seed}-digits-{distance}")
+    right = torch.zeros(5)
+    layers = model.config.num_hidden_layers if retrieval else 0
+    hits = torch.zeros(layers, 5)
+    if retrieval:
+        HierarchicalXLAttention.select_patches = recording
+    try:
+        for _ in range(trials):
+            key = random_key(rng)
+            prompt, _ = build_prompt(key, distance, haystack, rng)
+            text = f"{prompt} {key}"
+            ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+            offset, first = ids.shape[1] - len(text), text.index(key)
+            mentions = (first, text.index(key, first + 1))
+            chosen.clear()
+            logits = model(ids, use_cache=False).logits[0]
+            queries = range(ids.shape[1] - 6, ids.shape[1] - 1)  # the inputs after which digit i comes
+            right += (logits[queries.start : queries.stop].argmax(-1) == ids[0, -5:]).float().cpu()
+            for layer, picks in enumerate(chosen):
+                for digit, query in enumerate(queries):
+                    wanted = {(offset + mention + digit) // model.config.patch_size for mention in mentions}
+                    hits[layer, digit] += bool(wanted & set(picks[query].tolist()))
+    finally:
+        HierarchicalXLAttention.select_patches = select
+    probe = {"teacher_forced": (right / trials).tolist(), "trials": trials}
+    if retrieval:
+        probe["target_patch_chosen"] = (hits / trials).tolist()
+    return probe
 
 
 def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int, chunk: int) -> dict[str, dict]:
@@ -225,6 +273,11 @@ def markdown(rows: dict[str, dict], distances) -> str:
         for distance, rates in results.get("selection_hits", {}).items():
             notes.append(f"{name}: key patch chosen at {distance} B, per layer: "
                          + " / ".join(f"{rate:.2f}" for rate in rates))
+        for distance, probe in results.get("digit_probe", {}).items():
+            notes.append(f"{name}: at {distance} B, teacher forced, digits 1-5 right: "
+                         + " / ".join(f"{rate:.2f}" for rate in probe["teacher_forced"])
+                         + "".join(f"; layer {layer + 1} chose digit i's patch: " + " / ".join(f"{r:.2f}" for r in rates)
+                                   for layer, rates in enumerate(probe.get("target_patch_chosen", []))))
     return "\n".join(lines) + ("\n\nexact match (digit accuracy); chance: 0.00001 (0.10). In-window copy: loss (nats) "
                                "of a key's second mention in held-out copy drills, 20 bytes back; induction copy: the same 23-39 bytes "
                                "back behind haystack (a content lookup); chance 2.30, copying ~0") \
@@ -271,6 +324,9 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
             str(distance): selection_hits(model, tokenizer, distance, 10, haystack, args.seed)
             for distance in args.selection
         }
+    if args.digits is not None:
+        rows[name]["digit_probe"] = {str(distance): digit_probe(model, tokenizer, distance, 30, haystack, args.seed)
+                                     for distance in args.digits}
     if model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0 and not args.no_ablation:
         top_k = model.config.retrieval_top_k
         model.config.retrieval_top_k = 0  # the same weights, summaries and window only
@@ -384,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="score only the baselines (CHECKPOINT still sets the equal-cache sliding window)")
     parser.add_argument("--selection", type=int, nargs="+", metavar="DISTANCE",
                         help="also record, per layer, how often retrieval chose a patch of the key (10 trials each)")
+    parser.add_argument("--digits", type=int, nargs="+", metavar="DISTANCE",
+                        help="also probe digit by digit, teacher forced (30 trials each): which answer digits each model "
+                        "gets, and per layer whether the query of digit i chose a patch holding digit i")
     parser.add_argument("--baseline", action="append", default=[], help="another checkpoint folder (repeatable)")
     parser.add_argument("--distances", type=int, nargs="+", default=list(DEFAULT_DISTANCES))
     parser.add_argument("--trials", type=int, default=50)
