@@ -70,6 +70,9 @@ class HierarchicalXLConfig(PreTrainedConfig):
             "joint": every retrieved token is one more key of its own logit, as a window token (the selection
             branch of Native Sparse Attention, in the same softmax): a query can put its weight on one token of a
             patch, whatever the patch's summary says.
+        retrieval_shared_choice: the first layer chooses each query's patches for every layer (each layer still reads
+            them with its own keys, values and gates), as TidalDecode reuses a few layers' token selection; False:
+            every layer chooses its own.
         key_shift: each key also carries the previous token's key, through a learned per-channel weight
             (initialised at 0): `k_t + w * k_(t-1)`, before RoPE (a width-2 depthwise convolution of the keys, as in
             Primer; Olsson et al.'s "smeared key"). One layer can then match "the token after X", which exact copying
@@ -101,6 +104,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
     retrieval_top_k: int = 0
     retrieval_window: int = 16384
     retrieval_softmax: str = "grouped"
+    retrieval_shared_choice: bool = False
     key_shift: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -171,7 +175,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
         check_activation(self)
         check_token_ids(self, ("pad_token_id", "bos_token_id", "eos_token_id"))
-        for name in ("attention_bias", "key_shift", "tie_word_embeddings", "use_cache"):
+        for name in ("attention_bias", "key_shift", "retrieval_shared_choice", "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 

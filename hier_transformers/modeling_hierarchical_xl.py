@@ -145,6 +145,7 @@ class AttentionPlan:
     select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
     window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
     rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
+    choice: tuple[torch.Tensor, torch.Tensor] | None = None  # `retrieval_shared_choice`: the first layer's choice
 
 
 @dataclass
@@ -448,7 +449,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
         ring = cache_layer.cached("patches") if cache_layer is not None else (None, None)  # keys kept before RoPE
         candidates = summaries(ring[0], content_patches[0]).float()  # [B * nb, h, w, d]
         logits = torch.matmul(content_query.float() * self.scaling, candidates.transpose(2, 3))  # [B * nb, h, q, w]
-        spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+        if self.config.retrieval_shared_choice and plan.choice is not None:
+            spots, real = plan.choice  # the first layer chose for every layer
+        else:
+            spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+            plan.choice = (spots, real) if self.config.retrieval_shared_choice else None
         top_k = spots.shape[-1]
         chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)  # patch indices
         gate = logits.gather(3, spots[:, None].expand(-1, heads, -1, -1))  # [B * nb, h, q, k]

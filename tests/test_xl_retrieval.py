@@ -127,17 +127,19 @@ def test_training_reaches_every_candidate_so_every_choice_score_learns():
     assert reached(True) == {s // 4 for s in far}
 
 
-@pytest.mark.parametrize("section_size", [2, None])
-def test_one_call_equals_segments_equals_token_by_token(margins, section_size):
+@pytest.mark.parametrize(
+    "options", [dict(section_size=2), dict(section_size=None), dict(retrieval_softmax="joint", retrieval_shared_choice=True)]
+)
+def test_one_call_equals_segments_equals_token_by_token(margins, options):
     """90 tokens: past the window (6), the summaries and the retrieval window (24); the rows' top-k choices have a
     score margin far above float noise, so every chunking selects the same patches."""
-    model = tiny_model(section_size=section_size)
+    model = tiny_model(**options)
     input_ids = torch.randint(4, 40, (2, 90))
     with torch.no_grad():
         reference = model(input_ids, use_cache=False).logits
         for sizes in ([1], [3], [4], [11], [5, 1, 13], [90]):
             torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
-        no_retrieval = tiny_model(section_size=section_size, retrieval_top_k=0)(input_ids, use_cache=False).logits
+        no_retrieval = tiny_model(**options, retrieval_top_k=0)(input_ids, use_cache=False).logits
     assert min(margins) > 1e-4, "a near-tie of patch scores: pick other inputs"
     assert (reference - no_retrieval).abs().max() > 1e-2  # retrieval is really on
 
@@ -523,3 +525,14 @@ def test_passkey_digit_probe_reads_each_answer_digit_and_its_patch(passkey):
     assert probe["target_patch_chosen"] == [[1.0] * 5] * 2 and len(probe["teacher_forced"]) == 5
     short = tiny_model(vocab_size=260, retrieval_top_k=200, retrieval_window=24)
     assert passkey.digit_probe(short, tokenizer, 64, 2, haystack, seed=0)["target_patch_chosen"] == [[0.0] * 5] * 2
+
+
+def test_shared_choice_lets_the_first_layer_choose_for_every_layer(margins):
+    """retrieval_shared_choice: one choice per forward (the first layer's), read by every layer; off: each its own."""
+    input_ids = torch.randint(4, 40, (1, 60))
+    calls = []
+    for shared in (False, True):
+        with torch.no_grad():
+            tiny_model(num_hidden_layers=3, retrieval_shared_choice=shared)(input_ids, use_cache=False)
+        calls.append(len(margins))
+    assert calls == [3, 4]  # three layers chose without sharing, one with it
