@@ -50,3 +50,38 @@ def test_byte_level_lm_beats_unigram_on_held_out_news():
     print(f"held-out bits per byte: model {model_bits:.3f}, unigram {unigram_bits:.3f}")
     assert unigram_bits > 4.0  # English bytes: the unigram model is a real baseline
     assert model_bits < unigram_bits - 0.5
+
+
+def test_eval_context_compares_each_model_with_the_first_on_the_same_bytes(tmp_path):
+    """`training/eval_context.py A B`: B's reading minus A's, paired on the same held-out bytes, with an interval; a
+    model against itself differs by exactly 0 in every bucket."""
+    import json
+    import sys
+
+    from training_utils import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from training import eval_context
+
+    tokenizer = ByteTokenizer()
+    folders = []
+    for name, retrieval in (("off", {}), ("on", dict(retrieval_top_k=2, retrieval_window=256)), ("off_again", {})):
+        torch.manual_seed(0)
+        config = HierarchicalXLConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, patch_size=8, local_window=16,
+                                      max_patch_summaries=4, section_size=None, **retrieval)
+        folder = tmp_path / name / "final"
+        HierarchicalXLForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "run_summary.json").write_text(json.dumps({"run_config": {
+            "model_type": "hierarchical_xl", "block_size": 256, "segment_length": 128, "model_name": name}}))
+        folders.append(str(folder))
+    results = eval_context.main([*folders, "--corpus", "news", "--split", "test", "--max_documents", "3"])
+    on, again = results["models"]["on"], results["models"]["off_again"]
+    reading = next(iter(results["models"]["off"]["curves"]))
+    assert on["minus_first"]["model"] == "off" and on["minus_first"]["reading"] == reading
+    expected = on["curves"][reading]["bits_per_byte"] - results["models"]["off"]["curves"][reading]["bits_per_byte"]
+    assert math.isclose(on["minus_first"]["bits_per_byte"], expected, abs_tol=1e-9) and expected != 0
+    low, high = on["minus_first"]["interval_95"]
+    assert low <= high
+    assert again["minus_first"]["bits_per_byte"] == 0 and set(again["minus_first"]["by_position"].values()) == {0.0}

@@ -527,12 +527,29 @@ def test_passkey_digit_probe_reads_each_answer_digit_and_its_patch(passkey):
     assert passkey.digit_probe(short, tokenizer, 64, 2, haystack, seed=0)["target_patch_chosen"] == [[0.0] * 5] * 2
 
 
-def test_shared_choice_lets_the_first_layer_choose_for_every_layer(margins):
-    """retrieval_shared_choice: one choice per forward (the first layer's), read by every layer; off: each its own."""
+def test_shared_choice_adds_the_first_layers_patches_to_every_later_layer(monkeypatch):
+    """retrieval_shared_choice: a later layer reads the first layer's top k and its own, a patch both chose once."""
+    read = []
+    retrieve = HierarchicalXLAttention.retrieve
+
+    def recording(self, *args):
+        retrieved = retrieve(self, *args)
+        read.append(retrieved.mask.any(-1)[:, 0])  # [N, q, patches]: which patch reads are real
+        return retrieved
+
+    monkeypatch.setattr(HierarchicalXLAttention, "retrieve", recording)
     input_ids = torch.randint(4, 40, (1, 60))
-    calls = []
-    for shared in (False, True):
-        with torch.no_grad():
-            tiny_model(num_hidden_layers=3, retrieval_shared_choice=shared)(input_ids, use_cache=False)
-        calls.append(len(margins))
-    assert calls == [3, 4]  # three layers chose without sharing, one with it
+    with torch.no_grad():
+        tiny_model(num_hidden_layers=3, retrieval_shared_choice=True)(input_ids, use_cache=False)
+    first, second, third = read
+    assert first.shape[-1] == 2 and second.shape[-1] == third.shape[-1] == 4  # top k, then 2 k slots
+    assert (second.sum(-1) >= first.sum(-1)).all() and (second.sum(-1) <= 4).all()
+    assert (second.sum(-1) > first.sum(-1)).any() and (second.sum(-1) < 4).any()  # own patches beside the first layer's; fewer where both chose one or fewer are selectable
+
+
+def test_passkey_rows_are_named_by_run_and_folder(passkey):
+    """A learning curve mixes training checkpoints and other runs' final weights: each row keeps its own name."""
+    assert passkey.row_name("runs/xl/final") == "xl/final"
+    assert passkey.row_name("runs/xl/final", "runs/xl/checkpoints/step_300/model.safetensors") == "xl/step_300"
+    assert passkey.row_name("runs/b/final", "runs/a/final/model.safetensors") == "a/final"
+    assert passkey.row_name("runs/b/final", "runs/b/final/model.safetensors") == "b/final"

@@ -58,7 +58,7 @@ def describe(folder: Path) -> dict:
             "segment_length": run["segment_length"], "model_name": run.get("model_name", folder.parent.name)}
 
 
-def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> tuple[str, dict]:
+def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> tuple[str, dict, dict]:
     from transformers import AutoModelForCausalLM
 
     info = describe(folder)
@@ -87,7 +87,15 @@ def curves_for(folder: Path, documents, reset_every: int, batch_size: int) -> tu
                                          "by_position": {bucket: carried.by_position()[bucket]["bits_per_byte"]
                                                          - reset.by_position()[bucket]["bits_per_byte"]
                                                          for bucket in carried.by_position()}}
-    return info["model_name"], result
+    return info["model_name"], result, scored
+
+
+def paired_difference(scores, first) -> dict:
+    """`scores` - `first` on the same bytes: bits per byte, its 95% block-bootstrap interval and the per-bucket gaps."""
+    low, high = bootstrap_interval(scores, first)
+    return {"bits_per_byte": scores.bits_per_byte() - first.bits_per_byte(), "interval_95": [low, high],
+            "by_position": {bucket: scores.by_position()[bucket]["bits_per_byte"]
+                            - first.by_position()[bucket]["bits_per_byte"] for bucket in scores.by_position()}}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -137,13 +145,19 @@ def table(results: dict) -> str:
             low, high = diff["interval_95"]
             lines.append(f"| {model_name} | carried − reset | {diff['bits_per_byte']:+.3f} ({low:+.3f}…{high:+.3f}) | "
                          + " | ".join(cells) + " |")
+        if "minus_first" in result:
+            diff = result["minus_first"]
+            cells = [f"{diff['by_position'][b]:+.3f}" if b in diff["by_position"] else "" for b in buckets]
+            low, high = diff["interval_95"]
+            lines.append(f"| {model_name} − {diff['model']} | {diff['reading']} | {diff['bits_per_byte']:+.3f} "
+                         f"({low:+.3f}…{high:+.3f}) | " + " | ".join(cells) + " |")
     anchors = ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in results["compressors"].items())
     return "\n".join(lines) + f"\n\nSame bytes, each document compressed on its own: {anchors}."
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="final/ folders written by training/pretrain_clm.py")
+    parser.add_argument("folders", nargs="+", type=Path, help="final/ folders written by training/pretrain_clm.py (each later one is also compared with the first, paired, on the same bytes)")
     parser.add_argument("--corpus", default="shakespeare", choices=CORPORA)
     parser.add_argument("--split", default="validation")
     parser.add_argument("--seed", type=int, default=0, help="the split seed the models were trained with")
@@ -164,8 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
                "bytes": sum(len(text.encode()) for text in texts), "reset_every": args.reset_every,
                "compressors": compressor_bits_per_byte(texts),
                "compressors_concatenated": compressor_bits_per_byte(["\n\n".join(texts)]), "models": {}}
+    first = None  # the first model's first reading: every other model's same reading is compared with it, paired
     for folder in args.folders:
-        name, result = curves_for(folder, documents, args.reset_every, args.batch_size)
+        name, result, scored = curves_for(folder, documents, args.reset_every, args.batch_size)
+        reading, scores = next(iter(scored.items()))
+        if first is None:
+            first = (name, reading, scores)
+        elif reading == first[1]:
+            result["minus_first"] = {"model": first[0], "reading": reading, **paired_difference(scores, first[2])}
         results["models"][name] = result
     print(table(results))
     if args.output:

@@ -303,6 +303,14 @@ def as_llama(mistral):
     return llama
 
 
+def row_name(checkpoint: str, weights: str | None = None) -> str:
+    """<run>/<folder> of the weights a row scores: a training checkpoint's (<run>/checkpoints/step_N/model.safetensors
+    -> <run>/step_N), another run's final weights (<run>/final/model.safetensors -> <run>/final), or CHECKPOINT's."""
+    folder = Path(weights).parent if weights else Path(checkpoint)
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    return f"{run.name or checkpoint}/{folder.name}"
+
+
 def cache_slots_per_layer(config) -> int:
     """Key/value slots one layer of a HierarchicalXL cache holds (tokens + patch and section summaries): a sliding-
     window peer with this window holds the same bytes (same hidden size, fp32, one key and one value per slot)."""
@@ -348,9 +356,9 @@ def run_benchmark(args) -> dict:
             notes.append(f"{Path(args.checkpoint).name}: cache {equal_window:,} slots per layer "
                          f"(retrieval_window {model.config.retrieval_window:,}, top {model.config.retrieval_top_k})")
         torch.manual_seed(0)
-        run = Path(weights).parents[2] if weights else Path(args.checkpoint).parent  # runs/<run>/checkpoints/step_N
-        source = Path(weights).parent.name if weights else Path(args.checkpoint).name
-        name = f"{run.name or args.checkpoint}/{source} ({model.config.model_type})"
+        name = f"{row_name(args.checkpoint, weights)} ({model.config.model_type})"
+        if name in rows:
+            raise ValueError(f"--weights: two rows would both be named {name!r}; pass each weights file once")
         if not args.only_baselines:
             rows |= scored_rows(model, tokenizer, name, args, haystack)
     for folder in args.baseline:
