@@ -70,9 +70,11 @@ class HierarchicalXLConfig(PreTrainedConfig):
             "joint": every retrieved token is one more key of its own logit, as a window token (the selection
             branch of Native Sparse Attention, in the same softmax): a query can put its weight on one token of a
             patch, whatever the patch's summary says.
-        retrieval_shared_choice: the first layer chooses each query's patches for every layer (each layer still reads
-            them with its own keys, values and gates), as TidalDecode reuses a few layers' token selection; False:
-            every layer chooses its own.
+        retrieval_shared_choice: every layer after the first also reads the first layer's `retrieval_top_k` patches
+            (with its own keys, values and gates; a patch both chose is read once), beside its own choice: the first
+            layer's queries match tokens (a digit finds the patches holding it), deeper ones context (the question
+            finds the key sentence); TidalDecode reuses a few layers' selection in the same way. False: every layer
+            reads only its own choice.
         key_shift: each key also carries the previous token's key, through a learned per-channel weight
             (initialised at 0): `k_t + w * k_(t-1)`, before RoPE (a width-2 depthwise convolution of the keys, as in
             Primer; Olsson et al.'s "smeared key"). One layer can then match "the token after X", which exact copying

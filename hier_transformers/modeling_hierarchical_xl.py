@@ -449,11 +449,14 @@ class HierarchicalXLAttention(MultiHeadAttention):
         ring = cache_layer.cached("patches") if cache_layer is not None else (None, None)  # keys kept before RoPE
         candidates = summaries(ring[0], content_patches[0]).float()  # [B * nb, h, w, d]
         logits = torch.matmul(content_query.float() * self.scaling, candidates.transpose(2, 3))  # [B * nb, h, q, w]
-        if self.config.retrieval_shared_choice and plan.choice is not None:
-            spots, real = plan.choice  # the first layer chose for every layer
-        else:
-            spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
-            plan.choice = (spots, real) if self.config.retrieval_shared_choice else None
+        spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+        if self.config.retrieval_shared_choice:  # the first layer's choice, then this layer's own (read once)
+            if plan.choice is None:
+                plan.choice = (spots, real)
+            else:
+                first, first_real = plan.choice
+                real = real & ~((spots[..., None] == first[..., None, :]) & first_real[..., None, :]).any(-1)
+                spots, real = torch.cat([first, spots], dim=-1), torch.cat([first_real, real], dim=-1)  # [.., 2k]
         top_k = spots.shape[-1]
         chosen = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)  # patch indices
         gate = logits.gather(3, spots[:, None].expand(-1, heads, -1, -1))  # [B * nb, h, q, k]
