@@ -27,6 +27,7 @@ a `--real-text-fraction` of the documents are plain training text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -135,10 +136,10 @@ def copy_loss(model, tokenizer, seed: int, drills: int = 10, gap: int = 0, hayst
 
 
 @torch.no_grad()
-def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> list[float]:
-    """Per layer, the fraction of answer queries (the ones predicting the 5 digits) whose chosen patches include a
-    patch holding a digit of the key (either mention): does retrieval look in the right place? One uncached
-    forward over prompt + answer per trial, the layers' choices recorded."""
+@contextlib.contextmanager
+def recorded_choices():
+    """While inside, every HierarchicalXL layer's retrieval choice is appended to the yielded list, one
+    [positions (padded), k] tensor of patch indices per layer call (-1: no choice)."""
     from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
 
     chosen, select = [], HierarchicalXLAttention.select_patches
@@ -149,10 +150,20 @@ def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, 
         chosen.append(torch.where(real, patches, -1).flatten(0, 1))  # [positions (padded), k], -1: none
         return spots, real, best
 
-    rng, patch = random.Random(f"{seed}-{distance}"), model.config.patch_size
-    hits = torch.zeros(model.config.num_hidden_layers)
     HierarchicalXLAttention.select_patches = recording
     try:
+        yield chosen
+    finally:
+        HierarchicalXLAttention.select_patches = select
+
+
+def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> list[float]:
+    """Per layer, the fraction of answer queries (the ones predicting the 5 digits) whose chosen patches include a
+    patch holding a digit of the key (either mention): does retrieval look in the right place? One uncached
+    forward over prompt + answer per trial, the layers' choices recorded."""
+    rng, patch = random.Random(f"{seed}-{distance}"), model.config.patch_size
+    hits = torch.zeros(model.config.num_hidden_layers)
+    with recorded_choices() as chosen:
         for _ in range(trials):
             key = random_key(rng)
             prompt, _ = build_prompt(key, distance, haystack, rng)
@@ -166,8 +177,6 @@ def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, 
             queries = range(ids.shape[1] - 7, ids.shape[1] - 2)  # the inputs after which a digit comes
             for layer, picks in enumerate(chosen):
                 hits[layer] += sum(bool(key_patches & set(picks[q].tolist())) for q in queries) / 5
-    finally:
-        HierarchicalXLAttention.select_patches = select
     return (hits / trials).tolist()
 
 
@@ -177,24 +186,12 @@ def digit_probe(model, tokenizer, distance: int, trials: int, haystack: str, see
     uncached forward over prompt + key per trial. -> "teacher_forced": per answer digit, how often the model predicts
     it; for a HierarchicalXL model with retrieval on also "target_patch_chosen": per layer and answer digit, how often
     the query predicting digit i chose a patch holding digit i of either mention (can the layer read it at all?)."""
-    from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
-
     retrieval = model.config.model_type == "hierarchical_xl" and model.config.retrieval_top_k > 0
-    chosen, select = [], HierarchicalXLAttention.select_patches
-
-    def recording(self, logits, plan):
-        spots, real, best = select(self, logits, plan)
-        patches = plan.select_index.gather(1, spots.flatten(1)).view_as(spots)
-        chosen.append(torch.where(real, patches, -1).flatten(0, 1))  # [positions (padded), k], -1: none
-        return spots, real, best
-
     rng = random.Random(f"{seed}-digits-{distance}")
     right = torch.zeros(5)
     layers = model.config.num_hidden_layers if retrieval else 0
     hits = torch.zeros(layers, 5)
-    if retrieval:
-        HierarchicalXLAttention.select_patches = recording
-    try:
+    with recorded_choices() as chosen:  # stays empty without retrieval
         for _ in range(trials):
             key = random_key(rng)
             prompt, _ = build_prompt(key, distance, haystack, rng)
@@ -210,8 +207,6 @@ def digit_probe(model, tokenizer, distance: int, trials: int, haystack: str, see
                 for digit, query in enumerate(queries):
                     wanted = {(offset + mention + digit) // model.config.patch_size for mention in mentions}
                     hits[layer, digit] += bool(wanted & set(picks[query].tolist()))
-    finally:
-        HierarchicalXLAttention.select_patches = select
     probe = {"teacher_forced": (right / trials).tolist(), "trials": trials}
     if retrieval:
         probe["target_patch_chosen"] = (hits / trials).tolist()
