@@ -490,7 +490,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """One softmax over a block's keys (window, summaries: shared by its queries) and what each query reads of the
         far patches, where a chosen patch weighs as one key whose logit is its gate and shares that weight among its
         tokens by their own softmax (Landmark Attention's grouped softmax: token logit - logsumexp of its patch's
-        token logits + gate). query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
+        token logits + gate; `retrieval_softmax="joint"`: each token by its own logit). query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
         shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
         own = torch.einsum("nhqkd,nhqkpd->nhqkp", retrieved.queries, retrieved.keys) * self.scaling
         lowest = torch.finfo(torch.float32).min  # finite: a patch none of whose tokens is read stays NaN-free

@@ -157,6 +157,17 @@ def recorded_choices():
         HierarchicalXLAttention.select_patches = select
 
 
+def answered_prompt(model, tokenizer, rng: random.Random, distance: int, haystack: str, end: str = ""):
+    """A fresh key's prompt followed by its answer (" <key>" + `end`), tokenized on the model's device -> ids [1, n]
+    and the token positions where each of the key's two mentions in the prompt starts."""
+    key = random_key(rng)
+    prompt, _ = build_prompt(key, distance, haystack, rng)
+    text = f"{prompt} {key}{end}"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
+    offset, first = ids.shape[1] - len(text), text.index(key)  # offset: a leading BOS, if the tokenizer adds one
+    return ids, (offset + first, offset + text.index(key, first + 1))
+
+
 def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> list[float]:
     """Per layer, the fraction of answer queries (the ones predicting the 5 digits) whose chosen patches include a
     patch holding a digit of the key (either mention): does retrieval look in the right place? One uncached
@@ -165,13 +176,8 @@ def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, 
     hits = torch.zeros(model.config.num_hidden_layers)
     with recorded_choices() as chosen:
         for _ in range(trials):
-            key = random_key(rng)
-            prompt, _ = build_prompt(key, distance, haystack, rng)
-            text = f"{prompt} {key}."
-            ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
-            offset, first = ids.shape[1] - len(text), text.index(key)
-            key_patches = {(offset + mention + i) // patch for mention in (first, text.index(key, first + 1))
-                           for i in range(5)}
+            ids, mentions = answered_prompt(model, tokenizer, rng, distance, haystack, end=".")
+            key_patches = {(mention + i) // patch for mention in mentions for i in range(5)}
             chosen.clear()
             model(ids, use_cache=False)
             queries = range(ids.shape[1] - 7, ids.shape[1] - 2)  # the inputs after which a digit comes
@@ -193,19 +199,14 @@ def digit_probe(model, tokenizer, distance: int, trials: int, haystack: str, see
     hits = torch.zeros(layers, 5)
     with recorded_choices() as chosen:  # stays empty without retrieval
         for _ in range(trials):
-            key = random_key(rng)
-            prompt, _ = build_prompt(key, distance, haystack, rng)
-            text = f"{prompt} {key}"
-            ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
-            offset, first = ids.shape[1] - len(text), text.index(key)
-            mentions = (first, text.index(key, first + 1))
+            ids, mentions = answered_prompt(model, tokenizer, rng, distance, haystack)
             chosen.clear()
             logits = model(ids, use_cache=False).logits[0]
             queries = range(ids.shape[1] - 6, ids.shape[1] - 1)  # the inputs after which digit i comes
             right += (logits[queries.start : queries.stop].argmax(-1) == ids[0, -5:]).float().cpu()
             for layer, picks in enumerate(chosen):
                 for digit, query in enumerate(queries):
-                    wanted = {(offset + mention + digit) // model.config.patch_size for mention in mentions}
+                    wanted = {(mention + digit) // model.config.patch_size for mention in mentions}
                     hits[layer, digit] += bool(wanted & set(picks[query].tolist()))
     probe = {"teacher_forced": (right / trials).tolist(), "trials": trials}
     if retrieval:
