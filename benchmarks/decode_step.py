@@ -18,14 +18,18 @@ from pathlib import Path
 
 import torch
 
+READINGS = {"grouped": {}, "joint-shared": dict(retrieval_softmax="joint", retrieval_shared_choice=True),
+            "gated": dict(retrieval_softmax="gated")}
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code", default=str(Path(__file__).resolve().parents[1]), help="a checkout to import from")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--joint-shared", action="store_true", help="retrieval_softmax='joint' and "
-                        "retrieval_shared_choice=True (the passkey model's reading; needs a checkout that has them)")
+    parser.add_argument("--reading", choices=sorted(READINGS), default="grouped", help="how retrieval is read: the "
+                        "default's grouped softmax, the passkey model's joint softmax with the first layer's choice "
+                        "shared, or the gated branch (the text model's); the last two need a checkout that has them")
     args = parser.parse_args(argv)
     sys.path.insert(0, args.code)
     from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
@@ -33,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     config = HierarchicalXLConfig(vocab_size=260, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                   intermediate_size=1024, retrieval_top_k=4, retrieval_window=65536,
-                                  **(dict(retrieval_softmax="joint", retrieval_shared_choice=True)
-                                     if args.joint_shared else {}))
+                                  **READINGS[args.reading])  # a closed gate (its init) costs the same
     model = HierarchicalXLForCausalLM(config).eval()
     for context in args.contexts:
         ids = torch.randint(4, 200, (1, context))
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                 model(token, cache=cache, use_cache=True)
                 if step >= 3:
                     times.append(time.perf_counter() - start)
-        print(f"{args.code}{' (joint, shared choice)' if args.joint_shared else ''} context {context}: prefill {statistics.median(prefill):.2f} s per 1024 tokens (median), "
+        print(f"{args.code} ({args.reading}) context {context}: prefill {statistics.median(prefill):.2f} s per 1024 tokens (median), "
               f"decode {statistics.median(times) * 1000:.1f} ms per token (median of {args.steps})")
 
 

@@ -14,6 +14,8 @@ from .configuration_checks import (
     reject_unknown_keys,
 )
 
+RETRIEVAL_SOFTMAX = ("grouped", "joint", "gated")
+
 
 class HierarchicalXLConfig(PreTrainedConfig):
     r"""
@@ -42,7 +44,9 @@ class HierarchicalXLConfig(PreTrainedConfig):
        token logit - logsumexp of its patch's token logits + the patch's content logit): position-free, so a model
        reads a longer `retrieval_window` than it trained with. In training mode the unchosen selectable patches
        also join, each as one key of its content logit with its summary as value (NSA's compressed branch), so the
-       score of every candidate learns, not only of those chosen; eval reads only the top `retrieval_top_k`.
+       score of every candidate learns, not only of those chosen; eval reads only the top `retrieval_top_k`
+       (`retrieval_softmax` below: "joint" reads each retrieved token by its own logit, "gated" gives retrieval a
+       softmax and a gate of its own, with the compressed branch in eval too).
 
     Visibility is a pure function of positions, so a one-call forward, segment-by-segment processing with a
     [`HierarchicalXLCache`] and token-by-token generation compute the same thing. The cache is bounded by
@@ -70,6 +74,11 @@ class HierarchicalXLConfig(PreTrainedConfig):
             "joint": every retrieved token is one more key of its own logit, as a window token (the selection
             branch of Native Sparse Attention, in the same softmax): a query can put its weight on one token of a
             patch, whatever the patch's summary says.
+            "gated" (Native Sparse Attention's gated branches): the retrieved tokens, each by its own logit, and the
+            unchosen selectable patches, each one key of its content logit with its summary as value (the compressed
+            branch, in training and eval alike), form a softmax of their own; its output joins the window's per head
+            through a gate computed from the token (a linear map initialised at 0, so the model starts as the one
+            without retrieval and a checkpoint trained without it loads with retrieval switched on).
         retrieval_shared_choice: every layer after the first also reads the first layer's `retrieval_top_k` patches
             (with its own keys, values and gates; a patch both chose is read once), beside its own choice: the first
             layer's queries match tokens (a digit finds the patches holding it), deeper ones context (the question
@@ -170,8 +179,8 @@ class HierarchicalXLConfig(PreTrainedConfig):
                 f"`retrieval_window` must be an integer >= `local_window` ({self.local_window}) when retrieval is on "
                 f"(`retrieval_top_k` > 0): the window's own tokens are never retrieved, got {self.retrieval_window!r}."
             )
-        if self.retrieval_softmax not in ("grouped", "joint"):
-            raise ValueError(f"`retrieval_softmax` must be 'grouped' or 'joint', got {self.retrieval_softmax!r}.")
+        if self.retrieval_softmax not in RETRIEVAL_SOFTMAX:
+            raise ValueError(f"`retrieval_softmax` must be one of {RETRIEVAL_SOFTMAX}, got {self.retrieval_softmax!r}.")
         check_positive_numbers(self, ("rope_theta", "rms_norm_eps", "initializer_range"))
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")

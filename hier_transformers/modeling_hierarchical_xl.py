@@ -157,10 +157,11 @@ class RetrievedPatches:
     values: torch.Tensor  # [N, h, q, k, patch_size, d]
     mask: torch.Tensor  # [N, 1, q, k, patch_size] bool, which of them each query reads (outside its window)
     gate: torch.Tensor  # [N, h, q, k] each chosen patch's logit: its content logit per head
-    # training only: the block's other selectable patches, each one key of its content logit with its summary as value
+    # training (always when gated): the other selectable patches, each one key of its content logit, summary as value
     summary_logits: torch.Tensor | None = None  # [N, h, q, w]
     summary_values: torch.Tensor | None = None  # [N, h, w, d]
     summary_mask: torch.Tensor | None = None  # [N, 1, q, w] bool
+    branch_gate: torch.Tensor | None = None  # `retrieval_softmax="gated"`: [N, h, q, 1] weight of the branch's output
 
 
 def build_plan(
@@ -283,6 +284,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         self.pooling = AttentionPooling(config.hidden_size)
         if config.key_shift:  # per channel: how much of the previous token's key each key carries
             self.key_shift = nn.Parameter(torch.zeros(config.num_attention_heads, 1, self.head_dim))
+        if config.retrieval_top_k > 0 and config.retrieval_softmax == "gated":  # per head: how much retrieval adds
+            self.retrieval_gate = nn.Parameter(torch.zeros(config.num_attention_heads, config.hidden_size))
+            self.retrieval_gate_bias = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     def pool_patches(
         self, hidden_states: torch.Tensor, plan: AttentionPlan, cached: dict[str, torch.Tensor] | None
@@ -364,6 +368,10 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if self.config.retrieval_top_k > 0:
             content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
             retrieved = self.retrieve(content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan)
+            if self.config.retrieval_softmax == "gated":
+                gate = nn.functional.linear(hidden_states, self.retrieval_gate, self.retrieval_gate_bias)  # [B, S, h]
+                gate = gate.transpose(1, 2)[..., None]  # [B, h, S, 1]
+                retrieved.branch_gate = self.to_blocks(nn.functional.pad(gate, pad), plan)  # [B * nb, h, block, 1]
             output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, retrieved)
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
@@ -431,9 +439,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         window, placed in the `patch_size` positions right before the window: a key stored rotated at position
         j * P + o is seen at distance `local_window - 1 + P - o` by the query turned by one angle per chosen patch,
         whatever j is. Each chosen patch weighs as one key whose logit is its gate, the patch's content logit per
-        head. In training mode the other selectable patches join as that key with their summary as value (Native
-        Sparse Attention's compressed branch), so the loss reaches the score of every candidate, not only of the
-        chosen ones."""
+        head. In training mode (and always with `retrieval_softmax="gated"`) the other selectable patches join as that
+        key with their summary as value (Native Sparse Attention's compressed branch), so the loss reaches the score
+        of every candidate, not only of the chosen ones."""
         batch, heads, _, dim = new["tokens"][0].shape
         patch, blocks = self.config.patch_size, content_query.shape[0]
         if plan.select_index is None:  # no query of this chunk has a selectable patch yet
@@ -472,7 +480,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         cos, sin = plan.rotary((chosen + 1) * patch + self.config.local_window - 1, content_query.dtype)
         queries = apply_rotary(content_query[:, :, :, None], cos[:, None], sin[:, None])  # [B * nb, h, q, k, d]
         retrieved = RetrievedPatches(queries, read(0), read(1), attended[:, None], gate)
-        if self.training:  # every other candidate of the block, as one key: its summary
+        if self.training or self.config.retrieval_softmax == "gated":  # every other candidate, one key: its summary
             was_chosen = torch.zeros_like(plan.select_mask).scatter_(2, spots, real)  # [B * nb, q, w]
             retrieved.summary_logits = logits
             retrieved.summary_values = summaries(ring[1], content_patches[1])
@@ -490,25 +498,46 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """One softmax over a block's keys (window, summaries: shared by its queries) and what each query reads of the
         far patches, where a chosen patch weighs as one key whose logit is its gate and shares that weight among its
         tokens by their own softmax (Landmark Attention's grouped softmax: token logit - logsumexp of its patch's
-        token logits + gate; `retrieval_softmax="joint"`: each token by its own logit). query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
+        token logits + gate; `retrieval_softmax="joint"`: each token by its own logit). `"gated"`: the retrieved
+        tokens (each by its own logit) and the other candidates' summaries form a softmax of their own, whose output
+        is added to the window's, per head, times `retrieved.branch_gate` (NSA's gated branches).
+        query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
         shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
         own = torch.einsum("nhqkd,nhqkpd->nhqkp", retrieved.queries, retrieved.keys) * self.scaling
         lowest = torch.finfo(torch.float32).min  # finite: a patch none of whose tokens is read stays NaN-free
         own = own.float().masked_fill(~retrieved.mask, lowest)  # [N, h, q, k, P]
         if self.config.retrieval_softmax == "grouped":
             own = own - own.logsumexp(dim=-1, keepdim=True) + retrieved.gate[..., None].float()
-        parts = [shared.float().masked_fill(~mask, float("-inf")),
-                 own.masked_fill(~retrieved.mask, float("-inf")).flatten(3)]
+        far = [own.masked_fill(~retrieved.mask, float("-inf")).flatten(3)]
+        far_values = [retrieved.values.flatten(3, 4)]  # [N, h, q, k * P, d]
         if retrieved.summary_logits is not None:
-            parts.append(retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf")))
-        weights = nn.functional.softmax(torch.cat(parts, dim=-1), dim=-1).to(query.dtype)
-        weights = nn.functional.dropout(weights, p=self.attention_dropout, training=self.training)
-        pieces = weights.split([part.shape[-1] for part in parts], dim=-1)
-        output = torch.matmul(pieces[0], values)  # [N, h, q, d]
-        output = output + torch.einsum("nhqkp,nhqkpd->nhqd", pieces[1].unflatten(-1, own.shape[3:]), retrieved.values)
-        if retrieved.summary_values is not None:
-            output = output + torch.matmul(pieces[2], retrieved.summary_values)
+            far.append(retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf")))
+            far_values.append(retrieved.summary_values)  # [N, h, w, d], shared by the block's queries
+        near = shared.float().masked_fill(~mask, float("-inf"))
+        if retrieved.branch_gate is None:  # one softmax over everything
+            output = self.weigh([near] + far, [values] + far_values)
+        else:  # the window's softmax, plus the far branch's (empty for a query with no far patch) through its gate
+            far_output = self.weigh(far, far_values, may_be_empty=True)
+            output = self.weigh([near], [values]) + retrieved.branch_gate * far_output
         return self.o_proj(output.transpose(1, 2).reshape(*output.shape[:1], output.shape[2], -1))
+
+    def weigh(self, logits: list[torch.Tensor], values: list[torch.Tensor], may_be_empty: bool = False) -> torch.Tensor:
+        """One softmax over the keys of every part (logits [N, h, q, n_i], -inf = masked; `may_be_empty`: a query
+        none of whose keys is visible gets 0) and the weighted sum of their values ([N, h, n_i, d], shared by a
+        block's queries, or [N, h, q, n_i, d], per query) -> [N, h, q, d]."""
+        widths = [part.shape[-1] for part in logits]
+        logits = torch.cat(logits, dim=-1)
+        if may_be_empty:
+            visible = logits.isfinite().any(dim=-1, keepdim=True)
+            weights = nn.functional.softmax(logits.masked_fill(~visible, 0.0), dim=-1) * visible
+        else:  # the plan gives every query at least one key
+            weights = nn.functional.softmax(logits, dim=-1)
+        weights = nn.functional.dropout(weights.to(values[0].dtype), p=self.attention_dropout, training=self.training)
+        output = 0
+        for piece, value in zip(weights.split(widths, dim=-1), values):
+            shared = value.dim() == 4
+            output = output + (torch.matmul(piece, value) if shared else torch.einsum("nhqk,nhqkd->nhqd", piece, value))
+        return output
 
     @staticmethod
     def extend(
@@ -564,11 +593,16 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["HierarchicalXLDecoderLayer"]
     _supports_sdpa = True
+    # initialised at 0 (the model without them), so a checkpoint trained without `key_shift` or gated retrieval loads
+    _keys_to_ignore_on_load_missing = [r"self_attn\.key_shift$", r"self_attn\.retrieval_gate(_bias)?$"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, HierarchicalXLAttention) and module.config.key_shift:
             init.zeros_(module.key_shift)  # starts as the model without it
+        if isinstance(module, HierarchicalXLAttention) and hasattr(module, "retrieval_gate"):
+            init.zeros_(module.retrieval_gate)  # the branch starts closed: the model without retrieval
+            init.zeros_(module.retrieval_gate_bias)
         if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute it (meta-device loading)
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim

@@ -20,7 +20,17 @@ def tiny_config(**overrides) -> HierarchicalXLConfig:
 
 def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
     torch.manual_seed(0)
-    return HierarchicalXLForCausalLM(tiny_config(**overrides)).eval()
+    return open_retrieval_gates(HierarchicalXLForCausalLM(tiny_config(**overrides)).eval())
+
+
+def open_retrieval_gates(model: HierarchicalXLForCausalLM) -> HierarchicalXLForCausalLM:
+    """Gated retrieval starts closed (the model without it): draw its gates at random, so that the branch counts."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "retrieval_gate"):
+                layer.self_attn.retrieval_gate.normal_(0.0, 0.5)
+                layer.self_attn.retrieval_gate_bias.fill_(1.0)
+    return model
 
 
 def run_segments(model, input_ids: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -70,7 +80,8 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
     is its content logit (token logit - logsumexp of its patch's + content logit; `retrieval_softmax="joint"`: each
     token one key of its own logit). In training mode every other selectable patch joins as one key of its content
-    logit with its summary value."""
+    logit with its summary value. `retrieval_softmax="gated"`: the retrieved tokens (each by its own logit) and the
+    other selectable patches' summaries (in eval too) form a softmax of their own, added per head times the gate."""
     config, layer = model.config, model.model.layers[0]
     attn = layer.self_attn
     P, W, M, Q, MS = (config.patch_size, config.local_window, config.max_patch_summaries, config.section_size,
@@ -102,6 +113,8 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
         visible = [s for s in range(N) if t - W < s <= t] + [N + j for j in complete if j >= folded * Q]
         visible += [N + n_patches + section for section in range(folded) if section >= folded - MS]
         key, value, bias = keys[:, visible], values[:, visible], torch.zeros(q.shape[1], len(visible))
+        gated = config.retrieval_softmax == "gated"
+        near = len(visible)  # gated: the keys after these are the far branch's
         selectable = [j for j in range(n_patches) if t - config.retrieval_window < j * P <= t - W]
         if config.retrieval_top_k and selectable:
             content = torch.einsum("hd,hjd->hj", q_raw[0, :, t], pk_raw[0][:, selectable])
@@ -109,7 +122,7 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
             scores = torch.softmax(content * attn.scaling - RECENCY * ages, dim=1).sum(0).log()
             ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
             chosen = ranked[: config.retrieval_top_k]
-            for i in ranked[config.retrieval_top_k :] if model.training else []:  # one key each: its summary
+            for i in ranked[config.retrieval_top_k :] if model.training or gated else []:  # one key: its summary
                 key = torch.cat([key, torch.zeros_like(key[:, :1])], 1)
                 value = torch.cat([value, pv[0][:, selectable[i] : selectable[i] + 1]], 1)
                 bias = torch.cat([bias, content[:, i : i + 1] * attn.scaling], 1)
@@ -127,8 +140,15 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
                 bias = torch.cat([bias, grouped if config.retrieval_softmax == "grouped" else 0 * grouped], 1)
                 key = torch.cat([key, far_keys], 1)
                 value = torch.cat([value, v[0][:, far]], 1)
-        weights = torch.softmax(torch.einsum("hd,hkd->hk", q[0, :, t], key) * attn.scaling + bias, dim=-1)
-        outputs.append(torch.einsum("hk,hkd->hd", weights, value).flatten())
+        logits = torch.einsum("hd,hkd->hk", q[0, :, t], key) * attn.scaling + bias
+        if not gated:
+            outputs.append(torch.einsum("hk,hkd->hd", torch.softmax(logits, dim=-1), value).flatten())
+            continue
+        output = torch.einsum("hk,hkd->hd", torch.softmax(logits[:, :near], dim=-1), value[:, :near])
+        if logits.shape[1] > near:  # the far branch, through the gate of this token
+            far_output = torch.einsum("hk,hkd->hd", torch.softmax(logits[:, near:], dim=-1), value[:, near:])
+            output = output + (attn.retrieval_gate @ x[0, t] + attn.retrieval_gate_bias)[:, None] * far_output
+        outputs.append(output.flatten())
     hidden = hidden + attn.o_proj(torch.stack(outputs)[None])
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -145,7 +165,9 @@ def shifted_model(**overrides) -> HierarchicalXLForCausalLM:
 @pytest.mark.parametrize("key_shift", [False, True])
 @pytest.mark.parametrize("retrieval", [{}, dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3),
                                        dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3,
-                                            retrieval_softmax="joint")])
+                                            retrieval_softmax="joint"),
+                                       dict(retrieval_top_k=2, retrieval_window=20, initializer_range=0.3,
+                                            retrieval_softmax="gated")])
 @pytest.mark.parametrize("length", [23, 64])
 @pytest.mark.parametrize("training", [False, True])
 def test_block_local_forward_equals_dense_rule(length, retrieval, key_shift, training):

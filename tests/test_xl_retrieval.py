@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import last_json_line, run_without_package
 from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM
 from hier_transformers.modeling_hierarchical_xl import HierarchicalXLAttention
-from test_xl_model import assert_left_padded_rows_match_rows_alone, run_segments
+from test_xl_model import assert_left_padded_rows_match_rows_alone, open_retrieval_gates, run_segments
 
 BASE = dict(
     vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -27,7 +27,7 @@ def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
     torch.manual_seed(0)
     model = HierarchicalXLForCausalLM(HierarchicalXLConfig(**(BASE | RETRIEVAL | overrides))).eval()
     model.generation_config.eos_token_id = None
-    return model
+    return open_retrieval_gates(model)
 
 
 @pytest.fixture
@@ -128,7 +128,8 @@ def test_training_reaches_every_candidate_so_every_choice_score_learns():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(section_size=2), dict(section_size=None), dict(retrieval_softmax="joint", retrieval_shared_choice=True)]
+    "options", [dict(section_size=2), dict(section_size=None), dict(retrieval_softmax="joint", retrieval_shared_choice=True),
+                dict(retrieval_softmax="gated")]
 )
 def test_one_call_equals_segments_equals_token_by_token(margins, options):
     """90 tokens: past the window (6), the summaries and the retrieval window (24); the rows' top-k choices have a
@@ -257,6 +258,35 @@ def test_save_load_and_remote_code_keep_retrieval(tmp_path):
     result = last_json_line(stdout)
     assert not result["module"].startswith("hier_transformers") and result["top_k"] == 2
     assert result["tokens"] == expected.tolist()
+
+
+def test_gated_retrieval_starts_as_the_model_without_it_and_loads_its_checkpoint(tmp_path):
+    """`retrieval_softmax="gated"`: a checkpoint trained without retrieval loads with it switched on (from_pretrained
+    and the trainers' init_from), reads exactly as before, and the gate learns; a gated checkpoint round-trips."""
+    from training_utils import REPO_ROOT  # noqa: F401  puts the repository root on sys.path
+
+    from training.common import load_initial_weights
+
+    off = tiny_model(retrieval_top_k=0, vocab_size=260)
+    off.save_pretrained(tmp_path / "off")
+    gated = dict(retrieval_top_k=2, retrieval_window=24, retrieval_softmax="gated")
+    on = HierarchicalXLForCausalLM.from_pretrained(tmp_path / "off", **gated).eval()
+    fresh = HierarchicalXLForCausalLM(HierarchicalXLConfig(**(BASE | RETRIEVAL | gated | dict(vocab_size=260))))
+    load_initial_weights(fresh, str(tmp_path / "off"))
+    input_ids = torch.randint(4, 260, (2, 70))  # far past the window: every late query has far patches to read
+    with torch.no_grad():
+        expected = off(input_ids).logits
+        torch.testing.assert_close(on(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh.eval()(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    fresh.train()(input_ids, labels=input_ids).loss.backward()
+    assert all(layer.self_attn.retrieval_gate.grad.abs().max() > 0 for layer in fresh.model.layers)
+
+    open_retrieval_gates(on).save_pretrained(tmp_path / "on")
+    loaded = HierarchicalXLForCausalLM.from_pretrained(tmp_path / "on").eval()
+    with torch.no_grad():
+        logits = on(input_ids).logits
+        assert (logits - expected).abs().max() > 1e-2  # the opened branch is really read
+        torch.testing.assert_close(loaded(input_ids).logits, logits, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------- passkey benchmark plumbing

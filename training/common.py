@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -658,6 +659,8 @@ def load_initial_weights(model: PreTrainedModel, source: str, argument: str = "i
         raise ValueError(f"{argument} must be a .safetensors file or a folder holding model.safetensors, got {source!r}")
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    starts_as_without = [re.compile(pattern) for pattern in model._keys_to_ignore_on_load_missing or []]
+    missing = [name for name in missing if not any(pattern.search(name) for pattern in starts_as_without)]
     if set(missing) - tied or unexpected:
         raise ValueError(f"{argument} {source} does not fit the configured model: missing {sorted(set(missing) - tied)}, "
                          f"unexpected {sorted(unexpected)}; the run's `model` fields must match the checkpoint's")
