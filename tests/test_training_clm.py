@@ -104,7 +104,8 @@ def test_final_evaluation_scores_whole_held_out_documents_beside_compressors(clm
 
 def test_init_from_loads_safetensors_weights_and_refuses_a_model_they_do_not_fit(tmp_path):
     """`init_from` (a curriculum's second stage): a checkpoint's model.safetensors, or a folder holding one, starts
-    the run with exactly those weights; weights of another shape are refused, naming the field."""
+    the run with exactly those weights; weights that do not fit are refused, naming the field; weights the model
+    initialises at 0 to start as the model without them (`key_shift`, gated retrieval's gate) may be missing."""
     import torch
     from safetensors.torch import save_file
 
@@ -112,8 +113,8 @@ def test_init_from_loads_safetensors_weights_and_refuses_a_model_they_do_not_fit
     from training.common import load_initial_weights
 
     def model(**overrides):
-        return HierarchicalXLForCausalLM(HierarchicalXLConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
-                                                              num_attention_heads=4, intermediate_size=64, **overrides))
+        sizes = dict(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+        return HierarchicalXLForCausalLM(HierarchicalXLConfig(**(sizes | overrides)))
 
     torch.manual_seed(0)
     trained = model()
@@ -126,6 +127,12 @@ def test_init_from_loads_safetensors_weights_and_refuses_a_model_they_do_not_fit
         for name, tensor in trained.state_dict().items():
             assert torch.equal(fresh.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="init_from .* does not fit"):
-        load_initial_weights(model(key_shift=True), str(tmp_path))
+        load_initial_weights(model(num_hidden_layers=2), str(tmp_path))
+    shifted = model(key_shift=True)  # a weight initialised at 0 ("starts as the model without it") may be missing
+    load_initial_weights(shifted, str(tmp_path))
+    assert all(layer.self_attn.key_shift.abs().max() == 0 for layer in shifted.model.layers)
+    input_ids = torch.randint(4, 40, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(shifted.eval()(input_ids).logits, trained.eval()(input_ids).logits)
     with pytest.raises(ValueError, match="init_from must be a .safetensors file"):
         load_initial_weights(model(), str(tmp_path / "missing.bin"))
