@@ -161,7 +161,6 @@ class RetrievedPatches:
     summary_logits: torch.Tensor | None = None  # [N, h, q, w]
     summary_values: torch.Tensor | None = None  # [N, h, w, d]
     summary_mask: torch.Tensor | None = None  # [N, 1, q, w] bool
-    branch_gate: torch.Tensor | None = None  # `retrieval_softmax="gated"`: [N, h, q, 1] weight of the branch's output
 
 
 def build_plan(
@@ -368,11 +367,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if self.config.retrieval_top_k > 0:
             content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
             retrieved = self.retrieve(content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan)
+            branch_gate = None
             if self.config.retrieval_softmax == "gated":
                 gate = nn.functional.linear(hidden_states, self.retrieval_gate, self.retrieval_gate_bias)  # [B, S, h]
-                gate = gate.transpose(1, 2)[..., None]  # [B, h, S, 1]
-                retrieved.branch_gate = self.to_blocks(nn.functional.pad(gate, pad), plan)  # [B * nb, h, block, 1]
-            output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, retrieved)
+                branch_gate = self.to_blocks(nn.functional.pad(gate.transpose(1, 2)[..., None], pad), plan)
+            output = self.attend_with_retrieval(query, block_keys, block_values, plan.mask, retrieved, branch_gate)
         else:
             output, _ = self.attend(query, block_keys, block_values, plan.mask)  # [B * nb, block, hidden]
         if cache_layer is not None:
@@ -494,13 +493,14 @@ class HierarchicalXLAttention(MultiHeadAttention):
         values: torch.Tensor,
         mask: torch.Tensor,
         retrieved: RetrievedPatches,
+        branch_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One softmax over a block's keys (window, summaries: shared by its queries) and what each query reads of the
         far patches, where a chosen patch weighs as one key whose logit is its gate and shares that weight among its
         tokens by their own softmax (Landmark Attention's grouped softmax: token logit - logsumexp of its patch's
         token logits + gate; `retrieval_softmax="joint"`: each token by its own logit). `"gated"`: the retrieved
         tokens (each by its own logit) and the other candidates' summaries form a softmax of their own, whose output
-        is added to the window's, per head, times `retrieved.branch_gate` (NSA's gated branches).
+        is added to the window's, per head, times `branch_gate` [N, h, q, 1] (NSA's gated branches).
         query [N, h, q, d], keys/values [N, h, K, d], mask [N, 1, q, K] -> [N, q, hidden]."""
         shared = torch.matmul(query, keys.transpose(2, 3)) * self.scaling  # [N, h, q, K]
         own = torch.einsum("nhqkd,nhqkpd->nhqkp", retrieved.queries, retrieved.keys) * self.scaling
@@ -514,11 +514,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
             far.append(retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf")))
             far_values.append(retrieved.summary_values)  # [N, h, w, d], shared by the block's queries
         near = shared.float().masked_fill(~mask, float("-inf"))
-        if retrieved.branch_gate is None:  # one softmax over everything
+        if branch_gate is None:  # one softmax over everything
             output = self.weigh([near] + far, [values] + far_values)
         else:  # the window's softmax, plus the far branch's (empty for a query with no far patch) through its gate
             far_output = self.weigh(far, far_values, may_be_empty=True)
-            output = self.weigh([near], [values]) + retrieved.branch_gate * far_output
+            output = self.weigh([near], [values]) + branch_gate * far_output
         return self.o_proj(output.transpose(1, 2).reshape(*output.shape[:1], output.shape[2], -1))
 
     def weigh(self, logits: list[torch.Tensor], values: list[torch.Tensor], may_be_empty: bool = False) -> torch.Tensor:

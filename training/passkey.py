@@ -135,7 +135,6 @@ def copy_loss(model, tokenizer, seed: int, drills: int = 10, gap: int = 0, hayst
     return float(torch.cat(losses).mean())
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def recorded_choices():
     """While inside, every HierarchicalXL layer's retrieval choice is appended to the yielded list, one
@@ -168,6 +167,7 @@ def answered_prompt(model, tokenizer, rng: random.Random, distance: int, haystac
     return ids, (offset + first, offset + text.index(key, first + 1))
 
 
+@torch.no_grad()
 def selection_hits(model, tokenizer, distance: int, trials: int, haystack: str, seed: int) -> list[float]:
     """Per layer, the fraction of answer queries (the ones predicting the 5 digits) whose chosen patches include a
     patch holding a digit of the key (either mention): does retrieval look in the right place? One uncached
