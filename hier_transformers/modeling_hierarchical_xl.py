@@ -143,6 +143,7 @@ class AttentionPlan:
     # retrieval (None when `retrieval_top_k == 0`, or when no query of the chunk has a selectable patch)
     select_index: torch.Tensor | None = None  # [batch * num_blocks, width] patch indices a block's queries choose from
     select_mask: torch.Tensor | None = None  # [batch * num_blocks, block, width] True = selectable by that query
+    select_ring: int = 0  # the first `select_ring` candidates are the patch ring's first slots, read as they lie
     window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
     rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
     choice: tuple[torch.Tensor, torch.Tensor] | None = None  # `retrieval_shared_choice`: the first layer's choice
@@ -159,7 +160,8 @@ class RetrievedPatches:
     gate: torch.Tensor  # [N, h, q, k] each chosen patch's logit: its content logit per head
     # training (always when gated): the other selectable patches, each one key of its content logit, summary as value
     summary_logits: torch.Tensor | None = None  # [N, h, q, w]
-    summary_values: torch.Tensor | None = None  # [N, h, w, d]
+    summary_values: list[torch.Tensor] | None = None  # the ring's [B, h, ring, d] (a row's blocks share it), the
+    # chunk's [N, h, w_new, d]
     summary_mask: torch.Tensor | None = None  # [N, 1, q, w] bool
 
 
@@ -211,17 +213,29 @@ def build_plan(
     mask[..., 0] |= ~mask.any(dim=-1)  # padding queries that see nothing look at one key (never NaN)
 
     selection = {}
-    if config.retrieval_top_k > 0:  # candidates: the whole patch ring (every selectable patch is in it), then the new
-        ring_patches = cache_slots.get("patches", 0)
-        first = start["patches"] - ring_patches
-        found = block_slots(
-            *query_ranges["selectable"], first, ring_patches + new_patches, end["patches"], block, padded
-        )
+    if config.retrieval_top_k > 0:  # candidates: the patch ring as it lies (slot order), then this chunk's patches
+        selectable = [nn.functional.pad(bound, (0, padded - length), mode="replicate")
+                      for bound in query_ranges["selectable"]]
+        selectable = [bound.view(batch, num_blocks, block, 1) for bound in selectable]  # [B, nb, block, 1] each
+        candidate_index, candidate_mask = [], []
+        ring_patches = cache_slots.get("patches", 0) if ring else 0
+        occupied = min(ring_patches, int(start["patches"].max())) if ring_patches else 0  # a young ring: its prefix
+        if occupied > 0:  # slot s holds the index congruent to s in [first new - slots, first new) (< 0: empty)
+            slot = torch.arange(occupied, device=device)
+            held = start["patches"][:, None] - ring_patches + (slot - start["patches"][:, None]).remainder(ring_patches)
+            held = held.view(batch, 1, 1, occupied)
+            candidate_index.append(held.expand(batch, num_blocks, 1, occupied).flatten(0, 2))  # [B * nb, occupied]
+            candidate_mask.append((held >= 0) & (held >= selectable[0]) & (held < selectable[1]))
+        found = block_slots(*query_ranges["selectable"], start["patches"], new_patches, end["patches"], block, padded)
         if found is not None:
+            candidate_index.append((start["patches"][:, None, None] + found[0]).flatten(0, 1))  # [B * nb, width]
+            candidate_mask.append(found[1])
+        if candidate_index:
             padded_positions = nn.functional.pad(positions, (0, padded - length), mode="replicate")
             selection = dict(
-                select_index=(first[:, None, None] + found[0]).flatten(0, 1),
-                select_mask=found[1].view(batch * num_blocks, block, -1),
+                select_index=torch.cat(candidate_index, dim=-1),
+                select_mask=torch.cat(candidate_mask, dim=-1).view(batch * num_blocks, block, -1),
+                select_ring=occupied,
                 window_last=(padded_positions - config.local_window).view(batch * num_blocks, block),
                 rotary=rotary,
             )
@@ -270,6 +284,18 @@ def build_plan(
         last_token=num_real - 1,
         **selection,
     )
+
+
+def rows_matmul(blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`blocks` [B * nb, h, q, m] times a matrix per block [B * nb, h, m, n], or per row [B, h, m, n] shared by the
+    row's blocks (read as it lies, never copied once per block) -> [B * nb, h, q, n]."""
+    if rows.shape[0] == blocks.shape[0]:
+        return torch.matmul(blocks, rows)
+    batch, heads, _, width = rows.shape
+    num_blocks, queries = blocks.shape[0] // batch, blocks.shape[2]
+    stacked = blocks.view(batch, num_blocks, heads, queries, -1).transpose(1, 2).flatten(2, 3)  # [B, h, nb * q, m]
+    product = torch.matmul(stacked, rows)  # [B, h, nb * q, n]
+    return product.view(batch, heads, num_blocks, queries, width).transpose(1, 2).reshape(-1, heads, queries, width)
 
 
 RECENCY = 1e-4  # selection score taken off per patch of age: separates equal content by more than float noise
@@ -408,9 +434,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         the chosen candidates' columns (in index order) and whether each choice is a real one (fewer may be
         selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf =
         not selectable; k + 1 only while that many candidates)."""
-        # minus RECENCY per patch of age = plus RECENCY per patch after the block's first candidate, up to a
+        # minus RECENCY per patch of age = plus RECENCY per patch after the block's oldest candidate, up to a
         # constant per query, which the softmax drops; small numbers however long the stream
-        newer = (plan.select_index - plan.select_index[:, :1]).float()[:, None, None]  # [B * nb, 1, 1, w]
+        newer = (plan.select_index - plan.select_index.amin(1, keepdim=True)).float()[:, None, None]  # [N, 1, 1, w]
         lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
         logits = torch.where(plan.select_mask[:, None], logits + RECENCY * newer, lowest)
         importance = logits.softmax(dim=-1).sum(dim=1).masked_fill(~plan.select_mask, -1.0)  # [B * nb, q, w]
@@ -432,15 +458,16 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """What each query of each block reads of the far patches (`content_query` [B * nb, h, block, d], before
         RoPE; `content_patches`: this chunk's patch summary keys before RoPE and values [B, h, U, d]).
 
-        Every query scores the block's candidates (`plan.select_index`, summary keys read by index from the ring and
-        this chunk) once: its content logits (query . summary key, both before RoPE) choose its `retrieval_top_k`
-        patches (`select_patches`) and are the gates. Each query reads the tokens of its chosen patches outside its
-        window, placed in the `patch_size` positions right before the window: a key stored rotated at position
-        j * P + o is seen at distance `local_window - 1 + P - o` by the query turned by one angle per chosen patch,
-        whatever j is. Each chosen patch weighs as one key whose logit is its gate, the patch's content logit per
-        head. In training mode (and always with `retrieval_softmax="gated"`) the other selectable patches join as that
-        key with their summary as value (Native Sparse Attention's compressed branch), so the loss reaches the score
-        of every candidate, not only of the chosen ones."""
+        Every query scores the block's candidates once (`plan.select_index`: the summary keys of the patch ring as they
+        lie, a view shared by all blocks of a row, then this chunk's new patches by index): its content logits (query
+        . summary key, both before RoPE) choose its `retrieval_top_k` patches (`select_patches`) and are the gates.
+        Each query reads the tokens of its chosen patches outside its window, placed in the `patch_size` positions
+        right before the window: a key stored rotated at position j * P + o is seen at distance
+        `local_window - 1 + P - o` by the query turned by one angle per chosen patch, whatever j is. Each chosen patch
+        weighs as one key whose logit is its gate, the patch's content logit per head. In training mode (and always
+        with `retrieval_softmax="gated"`) the other selectable patches join as that key with their summary as value
+        (Native Sparse Attention's compressed branch), so the loss reaches the score of every candidate, not only of
+        the chosen ones."""
         batch, heads, _, dim = new["tokens"][0].shape
         patch, blocks = self.config.patch_size, content_query.shape[0]
         if plan.select_index is None:  # no query of this chunk has a selectable patch yet
@@ -449,13 +476,15 @@ class HierarchicalXLAttention(MultiHeadAttention):
             queries = content_query.new_zeros(blocks, heads, plan.block, 0, dim)
             return RetrievedPatches(queries, keys, keys, mask, content_query.new_zeros(blocks, heads, plan.block, 0))
 
-        def summaries(cached: torch.Tensor | None, states: torch.Tensor) -> torch.Tensor:  # -> [B * nb, h, w, d]
-            index = plan.select_index.view(batch, plan.num_blocks, -1)
-            return read_indices(cached, states, plan.first_new["patches"], index).flatten(0, 1)
+        def summaries(part: int) -> list[torch.Tensor]:  # the ring's [B, h, ring, d] as it lies, this chunk's by index
+            ring = [cache_layer.cached("patches")[part][:, :, : plan.select_ring]] if plan.select_ring else []
+            index = plan.select_index[:, plan.select_ring :].view(batch, plan.num_blocks, -1)
+            if index.shape[-1] == 0:
+                return ring
+            return ring + [read_indices(None, content_patches[part], plan.first_new["patches"], index).flatten(0, 1)]
 
-        ring = cache_layer.cached("patches") if cache_layer is not None else (None, None)  # keys kept before RoPE
-        candidates = summaries(ring[0], content_patches[0]).float()  # [B * nb, h, w, d]
-        logits = torch.matmul(content_query.float() * self.scaling, candidates.transpose(2, 3))  # [B * nb, h, q, w]
+        query = content_query.float() * self.scaling  # the ring keeps summary keys before RoPE
+        logits = torch.cat([rows_matmul(query, part.float().transpose(2, 3)) for part in summaries(0)], -1)
         spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
         if self.config.retrieval_shared_choice:  # the first layer's choice, then this layer's own (read once)
             if plan.choice is None:
@@ -482,7 +511,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if self.training or self.config.retrieval_softmax == "gated":  # every other candidate, one key: its summary
             was_chosen = torch.zeros_like(plan.select_mask).scatter_(2, spots, real)  # [B * nb, q, w]
             retrieved.summary_logits = logits
-            retrieved.summary_values = summaries(ring[1], content_patches[1])
+            retrieved.summary_values = summaries(1)
             retrieved.summary_mask = (plan.select_mask & ~was_chosen)[:, None]  # [B * nb, 1, q, w]
         return retrieved
 
@@ -511,8 +540,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         far = [own.masked_fill(~retrieved.mask, float("-inf")).flatten(3)]
         far_values = [retrieved.values.flatten(3, 4)]  # [N, h, q, k * P, d]
         if retrieved.summary_logits is not None:
-            far.append(retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf")))
-            far_values.append(retrieved.summary_values)  # [N, h, w, d], shared by the block's queries
+            summary = retrieved.summary_logits.float().masked_fill(~retrieved.summary_mask, float("-inf"))
+            far.extend(summary.split([part.shape[2] for part in retrieved.summary_values], dim=-1))
+            far_values.extend(retrieved.summary_values)  # shared by the block's (or the row's) queries
         near = shared.float().masked_fill(~mask, float("-inf"))
         if branch_gate is None:  # one softmax over everything
             output = self.weigh([near] + far, [values] + far_values)
@@ -524,7 +554,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
     def weigh(self, logits: list[torch.Tensor], values: list[torch.Tensor], may_be_empty: bool = False) -> torch.Tensor:
         """One softmax over the keys of every part (logits [N, h, q, n_i], -inf = masked; `may_be_empty`: a query
         none of whose keys is visible gets 0) and the weighted sum of their values ([N, h, n_i, d], shared by a
-        block's queries, or [N, h, q, n_i, d], per query) -> [N, h, q, d]."""
+        block's queries, [B, h, n_i, d], shared by all blocks of a row, or [N, h, q, n_i, d], per query)
+        -> [N, h, q, d]."""
         widths = [part.shape[-1] for part in logits]
         logits = torch.cat(logits, dim=-1)
         if may_be_empty:
@@ -535,8 +566,10 @@ class HierarchicalXLAttention(MultiHeadAttention):
         weights = nn.functional.dropout(weights.to(values[0].dtype), p=self.attention_dropout, training=self.training)
         output = 0
         for piece, value in zip(weights.split(widths, dim=-1), values):
-            shared = value.dim() == 4
-            output = output + (torch.matmul(piece, value) if shared else torch.einsum("nhqk,nhqkd->nhqd", piece, value))
+            if value.dim() == 5:
+                output = output + torch.einsum("nhqk,nhqkd->nhqd", piece, value)
+            else:
+                output = output + rows_matmul(piece, value)
         return output
 
     @staticmethod

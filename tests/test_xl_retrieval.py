@@ -422,6 +422,23 @@ def test_passkey_training_data_holds_prompts_with_their_answers(passkey, tmp_pat
         passkey.main(["--write-training-data", str(path), "--real-text-fraction", "0.5", "--drill-fraction", "0.5"])
 
 
+def test_passkey_training_distances_follow_the_given_weights(passkey, tmp_path, monkeypatch):
+    """--distance-weights draws each distance that often (a zero weight never); a weight per distance, or an error."""
+    import json
+
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Training text here. " * 400)
+    path = tmp_path / "train.jsonl"
+    passkey.main(["--write-training-data", str(path), "--distances", "16", "64", "1024", "--distance-weights", "0", "1",
+                  "3", "--documents", "200", "--real-text-fraction", "0"])
+    prompts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    distances = [text.index(passkey.QUESTION) - text.index("The pass key is ") for text in prompts]
+    assert set(distances) == {64, 1024} and 0.6 < distances.count(1024) / len(distances) < 0.9  # 16 never, 1024: 3/4
+    for weights in (["1", "1"], ["1", "-1", "1"], ["0", "0", "0"]):
+        with pytest.raises(SystemExit):
+            passkey.main(["--write-training-data", str(path), "--distances", "16", "64", "1024", "--distance-weights",
+                          *weights])
+
+
 def test_passkey_induction_drills_put_the_copy_at_varying_distances(passkey):
     """--drill-gap N: each fresh key is mentioned twice, "The pass key is K. " + 0..N haystack bytes + "The pass key is
     K.", so the copy's distance varies (no fixed offset finds it); 0 keeps the back-to-back key sentences."""

@@ -20,7 +20,8 @@ Training data for the passkey curriculum (JSON Lines with a `text` column, for `
         --documents 4000 --real-text-fraction 0.3
 
 Each passkey document is the same prompt followed by the answer (" 68048."), haystack from the *training* split;
-distances are drawn with weights halving from the shortest (a curriculum within one stream: short ones dominate);
+distances are drawn with weights halving from the shortest (a curriculum within one stream: short ones dominate;
+`--distance-weights` sets them);
 a `--real-text-fraction` of the documents are plain training text.
 """
 
@@ -413,7 +414,7 @@ def write_training_data(args) -> int:
     documents."""
     rng = random.Random(args.seed)
     haystack = load_haystack(args.corpus, "train")
-    weights = [0.5**index for index in range(len(args.distances))]
+    weights = args.distance_weights or [0.5**index for index in range(len(args.distances))]
     path = Path(args.write_training_data)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
@@ -455,6 +456,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
     parser.add_argument("--output", help="JSON file for the results")
     parser.add_argument("--write-training-data", metavar="JSONL", help="write passkey training documents instead")
+    parser.add_argument("--distance-weights", type=float, nargs="+", metavar="WEIGHT",
+                        help="training data: how often each of --distances is drawn (default: halving from the first)")
     parser.add_argument("--documents", type=int, default=4000)
     parser.add_argument("--real-text-fraction", type=float, default=0.3)
     parser.add_argument("--drill-fraction", type=float, default=0.0,
@@ -474,6 +477,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
     if any(distance < 1 for distance in args.distances) or args.trials < 1:
         parser.error("--distances and --trials must be >= 1")
+    if args.distance_weights is not None and (
+        len(args.distance_weights) != len(args.distances) or min(args.distance_weights) < 0
+        or not sum(args.distance_weights) > 0
+    ):
+        parser.error(f"--distance-weights needs one weight >= 0 per distance ({len(args.distances)} distances, "
+                     f"{len(args.distance_weights)} weights) and a positive sum")
     if not 0.0 <= args.real_text_fraction < 1.0 or not 0.0 <= args.drill_fraction < 1.0 - args.real_text_fraction:
         parser.error("--real-text-fraction and --drill-fraction must be >= 0 and leave room for passkey documents "
                      "(their sum < 1)")
