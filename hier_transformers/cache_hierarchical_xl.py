@@ -161,8 +161,9 @@ class HierarchicalXLCacheLayer:
                 ring = store[kind]
                 written = torch.where(keep, gather_slots(ring, slots), gather_slots(states, carry[kind].clamp_min(0)))
                 index = slots[:, None, :, None].expand_as(written)
-                # when gradients flow through the ring (no `detached()`), autograd needs the ring it read: a new one
-                write = ring.scatter if ring.requires_grad else ring.scatter_
+                # while autograd records (training), the ring this forward read (its summaries as they lie, a view)
+                # may be needed for the backward: a new ring; under no_grad (generation, evaluation) in place
+                write = ring.scatter if torch.is_grad_enabled() else ring.scatter_
                 store[kind] = write(2, index, written)
         self.pooling = dict(pooling)
 

@@ -212,6 +212,26 @@ def test_gradients_flow_across_segments_through_the_ring_without_detaching():
     assert grad[:, :20].abs().max() > 0 and first.requires_grad
 
 
+@pytest.mark.parametrize("reading", ["grouped", "gated"])
+def test_training_through_a_detached_ring_trains_every_segment(reading):
+    """Truncated BPTT as the stream trainer runs it: a training forward reads the ring's summaries as they lie (a view
+    autograd keeps for the backward), then stores the segment's entries: the backward still runs and every
+    segment's loss reaches the weights; under no_grad the same forward writes the ring in place."""
+    model = tiny_model(retrieval_softmax=reading).train()
+    input_ids = torch.randint(4, 40, (2, 96))
+    cache = HierarchicalXLCache(model.config)
+    for segment in input_ids.split(32, dim=1):
+        model.zero_grad()
+        loss = model(segment, labels=segment, cache=cache, use_cache=True).loss
+        loss.backward()
+        assert torch.isfinite(loss) and model.model.layers[0].self_attn.q_proj.weight.grad.abs().max() > 0
+        cache = cache.detached()
+    ring = cache.layers[0].cached("patches")[0]
+    with torch.no_grad():
+        model(input_ids[:, :8], cache=cache, use_cache=True)
+    assert cache.layers[0].cached("patches")[0].data_ptr() == ring.data_ptr()
+
+
 def test_cache_state_round_trips_and_layout_is_checked(tmp_path):
     model = tiny_model()
     input_ids = torch.randint(4, 40, (2, 50))
