@@ -37,7 +37,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
        local_window` (it starts outside the window, so it is complete, and all its tokens are still within the
        retrieval window). The score is content only (Native Sparse Attention's importance): per head the softmax
        over the selectable patches of `q_t . k_j * scaling` before RoPE, minus 1e-4 per patch of age (equal
-       content: the newer wins; exact ties: the older), summed over the heads of the layer (one set of patches per
+       content: the newer wins), summed over the heads of the layer (one set of patches per
        query, shared by its heads). The chosen patches' tokens outside the window join the same softmax as the
        window and the summaries, each placed (re-rotated) in the `patch_size` positions right before the window,
        and each patch weighs as one key whose logit is its content logit (Landmark Attention's grouped softmax:
