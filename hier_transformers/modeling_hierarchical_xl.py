@@ -222,10 +222,10 @@ def build_plan(
         occupied = min(ring_patches, int(start["patches"].max())) if ring_patches else 0  # a young ring: its prefix
         if occupied > 0:  # slot s holds the index congruent to s in [first new - slots, first new) (< 0: empty)
             slot = torch.arange(occupied, device=device)
-            held = start["patches"][:, None] - ring_patches + (slot - start["patches"][:, None]).remainder(ring_patches)
-            held = held.view(batch, 1, 1, occupied)
+            first = start["patches"][:, None]
+            held = (first - ring_patches + ring_slot(slot - first, ring_patches)).view(batch, 1, 1, occupied)
             candidate_index.append(held.expand(batch, num_blocks, 1, occupied).flatten(0, 2))  # [B * nb, occupied]
-            candidate_mask.append((held >= 0) & (held >= selectable[0]) & (held < selectable[1]))
+            candidate_mask.append((held >= selectable[0]) & (held < selectable[1]))  # (selectable starts at >= 0)
         found = block_slots(*query_ranges["selectable"], start["patches"], new_patches, end["patches"], block, padded)
         if found is not None:
             candidate_index.append((start["patches"][:, None, None] + found[0]).flatten(0, 1))  # [B * nb, width]
