@@ -84,6 +84,12 @@ class HierarchicalXLConfig(PreTrainedConfig):
             layer's queries match tokens (a digit finds the patches holding it), deeper ones context (the question
             finds the key sentence); TidalDecode reuses a few layers' selection in the same way. False: every layer
             reads only its own choice.
+        retrieval_recency: selection logit each candidate loses per patch of age, per head, before the softmax over
+            candidates (>= 0). It breaks ties: two patches of equal content (repeated text) then differ by more than
+            float noise and the newer wins, so the choice does not depend on how a text was cut into calls. It is
+            also a recency prior that grows with distance (1e-4 takes 0.8 logits off a patch 64k tokens back); keep
+            it well above float noise (~1e-6) for the call-split equivalence. An eval-time knob: no weight depends
+            on it.
         key_shift: each key also carries the previous token's key, through a learned per-channel weight
             (initialised at 0): `k_t + w * k_(t-1)`, before RoPE (a width-2 depthwise convolution of the keys, as in
             Primer; Olsson et al.'s "smeared key"). One layer can then match "the token after X", which exact copying
@@ -116,6 +122,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
     retrieval_window: int = 16384
     retrieval_softmax: str = "grouped"
     retrieval_shared_choice: bool = False
+    retrieval_recency: float = 1e-4
     key_shift: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -181,6 +188,11 @@ class HierarchicalXLConfig(PreTrainedConfig):
             )
         if self.retrieval_softmax not in RETRIEVAL_SOFTMAX:
             raise ValueError(f"`retrieval_softmax` must be one of {RETRIEVAL_SOFTMAX}, got {self.retrieval_softmax!r}.")
+        if not is_number(self.retrieval_recency) or self.retrieval_recency < 0:
+            raise ValueError(
+                f"`retrieval_recency` must be a number >= 0 (the selection logit lost per patch of age), got "
+                f"{self.retrieval_recency!r}."
+            )
         check_positive_numbers(self, ("rope_theta", "rms_norm_eps", "initializer_range"))
         if not is_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")

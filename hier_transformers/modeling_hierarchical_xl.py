@@ -298,9 +298,6 @@ def rows_matmul(blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return product.view(batch, heads, num_blocks, queries, width).transpose(1, 2).reshape(-1, heads, queries, width)
 
 
-RECENCY = 1e-4  # selection score taken off per patch of age: separates equal content by more than float noise
-
-
 class HierarchicalXLAttention(MultiHeadAttention):
     """Block-local attention over recent tokens, patch summaries and section summaries."""
 
@@ -426,7 +423,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """Each query's `retrieval_top_k` selectable patches of highest importance, NSA's rule: per head, the softmax
         over the query's selectable patches of their content logits (the gates), summed over the heads (one set of
         patches per query, shared by its heads; any one head that wants a patch can have it, where a mean of logits
-        lets the other heads veto it). Each logit first loses `RECENCY` per patch of age: two patches of equal content
+        lets the other heads veto it). Each logit first loses `retrieval_recency` per patch of age: two patches of equal content
         (repeated text) differ by far more than float noise and the newer wins, so the choice does not depend on how a
         text was cut into calls. The score is the log of that sum.
 
@@ -434,11 +431,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
         the chosen candidates' columns (in index order) and whether each choice is a real one (fewer may be
         selectable), both [B * nb, block, k], and the k + 1 best scores [B * nb, block, k + 1] (descending, -inf =
         not selectable; k + 1 only while that many candidates)."""
-        # minus RECENCY per patch of age = plus RECENCY per patch after the block's oldest candidate, up to a
+        # minus recency per patch of age = plus recency per patch after the block's oldest candidate, up to a
         # constant per query, which the softmax drops; small numbers however long the stream
         newer = (plan.select_index - plan.select_index.amin(1, keepdim=True)).float()[:, None, None]  # [N, 1, 1, w]
         lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
-        logits = torch.where(plan.select_mask[:, None], logits + RECENCY * newer, lowest)
+        logits = torch.where(plan.select_mask[:, None], logits + self.config.retrieval_recency * newer, lowest)
         importance = logits.softmax(dim=-1).sum(dim=1).masked_fill(~plan.select_mask, -1.0)  # [B * nb, q, w]
         width = importance.shape[-1]
         top_k = min(self.config.retrieval_top_k, width)

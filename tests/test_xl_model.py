@@ -7,7 +7,6 @@ import torch
 
 from hier_transformers import HierarchicalXLCache, HierarchicalXLConfig, HierarchicalXLForCausalLM, segment_lm_step
 from hier_transformers.modeling_blocks import apply_rotary
-from hier_transformers.modeling_hierarchical_xl import RECENCY
 
 
 def tiny_config(**overrides) -> HierarchicalXLConfig:
@@ -76,7 +75,7 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     (complete iff (j + 1) P <= t) visible among the most recent; older ones folded into sections of Q patches (mean of
     their summaries) once all Q are older than the M most recent; MS sections. Retrieval (top_k K > 0): of the patches
     j with t - R < j P <= t - W, the K with the highest score (per head the softmax over them of the content logit,
-    query . summary key before RoPE * scaling - RECENCY per patch of age, summed over heads; ties to the older patch); their tokens outside the window join the
+    query . summary key before RoPE * scaling - retrieval_recency per patch of age, summed over heads; ties to the older patch); their tokens outside the window join the
     softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
     is its content logit (token logit - logsumexp of its patch's + content logit; `retrieval_softmax="joint"`: each
     token one key of its own logit). In training mode every other selectable patch joins as one key of its content
@@ -119,7 +118,7 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
         if config.retrieval_top_k and selectable:
             content = torch.einsum("hd,hjd->hj", q_raw[0, :, t], pk_raw[0][:, selectable])
             ages = torch.tensor([t // P - j for j in selectable])
-            scores = torch.softmax(content * attn.scaling - RECENCY * ages, dim=1).sum(0).log()
+            scores = torch.softmax(content * attn.scaling - config.retrieval_recency * ages, dim=1).sum(0).log()
             ranked = sorted(range(len(selectable)), key=lambda i: (-scores[i].item(), selectable[i]))
             chosen = ranked[: config.retrieval_top_k]
             for i in ranked[config.retrieval_top_k :] if model.training or gated else []:  # one key: its summary

@@ -69,7 +69,8 @@ def test_retrieval_off_leaves_model_and_cache_untouched():
 @pytest.mark.parametrize(
     "overrides, field",
     [(dict(retrieval_top_k=-1), "retrieval_top_k"), (dict(retrieval_top_k=1.5), "retrieval_top_k"),
-     (dict(retrieval_window=5), "retrieval_window"), (dict(retrieval_softmax="flat"), "retrieval_softmax")],
+     (dict(retrieval_window=5), "retrieval_window"), (dict(retrieval_softmax="flat"), "retrieval_softmax"),
+     (dict(retrieval_recency=-1e-4), "retrieval_recency"), (dict(retrieval_recency="1e-4"), "retrieval_recency")],
 )
 def test_config_rejects_invalid_retrieval_values(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -348,6 +348,9 @@ def run_benchmark(args) -> dict:
         model, tokenizer = load(args.checkpoint, weights)
         if model.config.model_type == "hierarchical_xl" and args.retrieval_window is not None:
             model.config.retrieval_window = args.retrieval_window  # the cache bound; selection is position-free
+        if model.config.model_type == "hierarchical_xl" and args.retrieval_recency is not None:
+            model.config.retrieval_recency = args.retrieval_recency  # eval-time: no weight depends on it
+            model.config.validate()
         if model.config.model_type == "hierarchical_xl":
             equal_window = cache_slots_per_layer(model.config)
             notes.append(f"{Path(args.checkpoint).name}: cache {equal_window:,} slots per layer "
@@ -374,6 +377,7 @@ def run_benchmark(args) -> dict:
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
                "trials": args.trials, "corpus": args.corpus, "retrieval_window": args.retrieval_window,
+               "retrieval_recency": args.retrieval_recency,
                "results": rows, "notes": notes, "table": table}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +444,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CHECKPOINT's weights, one row each (a learning curve)")
     parser.add_argument("--retrieval-window", type=int, help="score a HierarchicalXL checkpoint with this retrieval "
                         "window (the cache bound; a Mistral baseline gets the same cache bytes as its sliding window)")
+    parser.add_argument("--retrieval-recency", type=float, help="score a HierarchicalXL checkpoint with this "
+                        "selection logit lost per patch of age (its config's retrieval_recency otherwise)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the retrieval-off rows")
     parser.add_argument("--only-baselines", action="store_true",
                         help="score only the baselines (CHECKPOINT still sets the equal-cache sliding window)")
