@@ -364,6 +364,29 @@ def test_passkey_benchmark_scores_exact_match_and_writes_json(passkey, tmp_path,
     assert list(results)[1].endswith("retrieval off)") and model.config.retrieval_top_k == 2
 
 
+def test_passkey_retrieval_recency_flag_reaches_the_model_and_is_validated(passkey, tmp_path, monkeypatch):
+    import json
+
+    from hier_transformers import ByteTokenizer
+
+    tiny_model(vocab_size=260).save_pretrained(tmp_path / "model")
+    ByteTokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Some held-out text. " * 40)
+    seen = []
+
+    def oracle(model, tokenizer, prompt, new_tokens, chunk):
+        seen.append(model.config.retrieval_recency)
+        return " " + prompt.split("The pass key is ")[1][:5] + "."
+
+    monkeypatch.setattr(passkey, "greedy_answer", oracle)
+    output = tmp_path / "passkey.json"
+    passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "2", "--no-ablation",
+                  "--retrieval-recency", "1e-5", "--output", str(output)])
+    assert seen == [1e-5, 1e-5] and json.loads(output.read_text())["retrieval_recency"] == 1e-5
+    with pytest.raises(ValueError, match="retrieval_recency"):
+        passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "1", "--retrieval-recency", "-1"])
+
+
 def test_passkey_mistral_peer_gets_equal_cache_bytes_and_a_full_attention_twin(passkey, tmp_path, monkeypatch):
     """A Mistral baseline is scored with the sliding window that holds the HierarchicalXL model's cache bytes, and its
     same weights as a Llama (full attention up to its context): the Llama computes exactly what the Mistral does
