@@ -87,7 +87,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
         retrieval_recency: selection logit each candidate loses per patch of age, per head, before the softmax over
             candidates (>= 0). It breaks ties: two patches of equal content (repeated text) then differ by more than
             float noise and the newer wins, so the choice does not depend on how a text was cut into calls. It is
-            also a recency prior that grows with distance (1e-4 takes 0.8 logits off a patch 64k tokens back); keep
+            also a recency prior that grows with distance (1e-4 takes 0.8 logits off a patch 8,192 patches back); keep
             it well above float noise (~1e-6) for the call-split equivalence. An eval-time knob: no weight depends
             on it.
         key_shift: each key also carries the previous token's key, through a learned per-channel weight

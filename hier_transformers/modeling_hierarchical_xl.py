@@ -423,9 +423,9 @@ class HierarchicalXLAttention(MultiHeadAttention):
         """Each query's `retrieval_top_k` selectable patches of highest importance, NSA's rule: per head, the softmax
         over the query's selectable patches of their content logits (the gates), summed over the heads (one set of
         patches per query, shared by its heads; any one head that wants a patch can have it, where a mean of logits
-        lets the other heads veto it). Each logit first loses `retrieval_recency` per patch of age: two patches of equal content
-        (repeated text) differ by far more than float noise and the newer wins, so the choice does not depend on how a
-        text was cut into calls. The score is the log of that sum.
+        lets the other heads veto it). Each logit first loses `retrieval_recency` per patch of age: two patches of
+        equal content (repeated text) differ by far more than float noise and the newer wins, so the choice does not
+        depend on how a text was cut into calls. The score is the log of that sum.
 
         logits [B * nb, h, block, w]: each query's content logit of each candidate of `plan.select_index` (fp32). ->
         the chosen candidates' columns (in index order) and whether each choice is a real one (fewer may be

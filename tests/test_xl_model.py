@@ -75,10 +75,10 @@ def dense_reference(model: HierarchicalXLForCausalLM, input_ids: torch.Tensor) -
     (complete iff (j + 1) P <= t) visible among the most recent; older ones folded into sections of Q patches (mean of
     their summaries) once all Q are older than the M most recent; MS sections. Retrieval (top_k K > 0): of the patches
     j with t - R < j P <= t - W, the K with the highest score (per head the softmax over them of the content logit,
-    query . summary key before RoPE * scaling - retrieval_recency per patch of age, summed over heads; ties to the older patch); their tokens outside the window join the
-    softmax re-rotated to sit in the P positions right before the window, each patch weighing as one key whose logit
-    is its content logit (token logit - logsumexp of its patch's + content logit; `retrieval_softmax="joint"`: each
-    token one key of its own logit). In training mode every other selectable patch joins as one key of its content
+    query . summary key before RoPE * scaling - retrieval_recency per patch of age, summed over heads; ties to the
+    older patch); their tokens outside the window join the softmax re-rotated to sit in the P positions right before
+    the window, each patch weighing as one key whose logit is its content logit (token logit - logsumexp of its
+    patch's + content logit; `retrieval_softmax="joint"`: each token one key of its own logit). In training mode every other selectable patch joins as one key of its content
     logit with its summary value. `retrieval_softmax="gated"`: the retrieved tokens (each by its own logit) and the
     other selectable patches' summaries (in eval too) form a softmax of their own, added per head times the gate."""
     config, layer = model.config, model.model.layers[0]

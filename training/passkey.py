@@ -346,12 +346,11 @@ def run_benchmark(args) -> dict:
     # the checkpoint, or each of its training checkpoints (a learning curve); only its cache budget with --only-baselines
     for weights in [None] if args.only_baselines else args.weights or [None]:
         model, tokenizer = load(args.checkpoint, weights)
-        if model.config.model_type == "hierarchical_xl" and args.retrieval_window is not None:
-            model.config.retrieval_window = args.retrieval_window  # the cache bound; selection is position-free
-        if model.config.model_type == "hierarchical_xl" and args.retrieval_recency is not None:
-            model.config.retrieval_recency = args.retrieval_recency  # eval-time: no weight depends on it
-            model.config.validate()
         if model.config.model_type == "hierarchical_xl":
+            # read-time knobs no weight depends on: the cache bound (selection is position-free) and the recency prior
+            read_time = {"retrieval_window": args.retrieval_window, "retrieval_recency": args.retrieval_recency}
+            model.config.update({name: value for name, value in read_time.items() if value is not None})
+            model.config.validate()
             equal_window = cache_slots_per_layer(model.config)
             notes.append(f"{Path(args.checkpoint).name}: cache {equal_window:,} slots per layer "
                          f"(retrieval_window {model.config.retrieval_window:,}, top {model.config.retrieval_top_k})")
