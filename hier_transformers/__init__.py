@@ -30,7 +30,7 @@ from .modeling_hierarchical import (
 from .modeling_hierarchical_xl import HierarchicalXLForCausalLM, HierarchicalXLModel, HierarchicalXLPreTrainedModel
 from .preprocessing import DataCollatorForHierarchical, DocumentPreprocessor
 from .explain import Explanation, explain, explanation_html, plot_attention
-from .recurrence import iter_segments, segment_lm_step
+from .recurrence import copy_sources, iter_segments, segment_lm_step
 from .tokenization_byte import ByteTokenizer
 from .warm_start import hierarchical_from_pretrained_bert, minilm_path
 

@@ -20,7 +20,7 @@ The one-call forward is block-local: queries are processed in blocks, each block
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -147,6 +147,10 @@ class AttentionPlan:
     window_last: torch.Tensor | None = None  # [batch * num_blocks, block] newest position outside the query's window
     rotary: RotaryEmbedding | None = None  # places the retrieved tokens just before the window
     choice: tuple[torch.Tensor, torch.Tensor] | None = None  # `retrieval_shared_choice`: the first layer's choice
+    # `retrieval_labels`: [batch * num_blocks, block] the patch each query should choose (-1 = none), and each deeper
+    # layer's (summed selection loss, number of supervised queries)
+    selection_targets: torch.Tensor | None = None
+    selection_losses: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -301,8 +305,9 @@ def rows_matmul(blocks: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class HierarchicalXLAttention(MultiHeadAttention):
     """Block-local attention over recent tokens, patch summaries and section summaries."""
 
-    def __init__(self, config: HierarchicalXLConfig):
+    def __init__(self, config: HierarchicalXLConfig, layer_idx: int = 0):
         super().__init__(config, is_causal=False)
+        self.layer_idx = layer_idx
         self.pooling = AttentionPooling(config.hidden_size)
         if config.key_shift:  # per channel: how much of the previous token's key each key carries
             self.key_shift = nn.Parameter(torch.zeros(config.num_attention_heads, 1, self.head_dim))
@@ -444,6 +449,19 @@ class HierarchicalXLAttention(MultiHeadAttention):
         spots, order = spots[..., :top_k].sort(dim=-1)  # the chosen in index order
         return spots, best[..., :top_k].gather(-1, order) > float("-inf"), best
 
+    def selection_loss(self, logits: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of choosing each supervised query's target patch (`plan.selection_targets`) under the
+        selection's own distribution: per head the softmax of the content logits over the query's selectable patches,
+        averaged over the heads (the importance `select_patches` ranks by, divided by the number of heads), so the
+        loss is low when any head puts its weight on the target. logits [B * nb, h, q, w] (with their gradient)
+        -> (summed loss, number of supervised queries)."""
+        lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
+        masked = logits.float().masked_fill(~plan.select_mask[:, None], lowest)
+        mixture = masked.log_softmax(dim=-1).logsumexp(dim=1) - torch.log(torch.tensor(float(logits.shape[1])))
+        hit = (plan.select_index[:, None, :] == plan.selection_targets[..., None]) & plan.select_mask  # [N, q, w]
+        supervised = hit.any(dim=-1)  # [N, q]
+        return -mixture.masked_fill(~hit, 0.0).sum(dim=-1)[supervised].sum(), supervised.sum()
+
     def retrieve(
         self,
         content_query: torch.Tensor,
@@ -483,6 +501,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         query = content_query.float() * self.scaling  # the ring keeps summary keys before RoPE
         logits = torch.cat([rows_matmul(query, part.float().transpose(2, 3)) for part in summaries(0)], -1)
         spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+        if plan.selection_targets is not None and self.layer_idx > 0:  # the first layer's queries are the tokens
+            plan.selection_losses.append(self.selection_loss(logits, plan))
         if self.config.retrieval_shared_choice:  # the first layer's choice, then this layer's own (read once)
             if plan.choice is None:
                 plan.choice = (spots, real)
@@ -598,10 +618,10 @@ class HierarchicalXLAttention(MultiHeadAttention):
 class HierarchicalXLDecoderLayer(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: HierarchicalXLConfig):
+    def __init__(self, config: HierarchicalXLConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = HierarchicalXLAttention(config)
+        self.self_attn = HierarchicalXLAttention(config, layer_idx)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
@@ -641,6 +661,48 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         self.config.validate()  # before the folder, the code or the weights are written
         super().save_pretrained(save_directory, *args, **kwargs)
+
+
+@dataclass
+class HierarchicalXLModelOutput(BaseModelOutputWithPast):
+    """`retrieval_loss`: with `retrieval_labels`, the mean selection cross-entropy over the supervised queries of
+    every layer after the first (`HierarchicalXLModel.forward`); None otherwise."""
+
+    retrieval_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class HierarchicalXLCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` is the language-model loss alone; `retrieval_loss` as in `HierarchicalXLModelOutput` (weigh and add
+    it yourself, as `segment_lm_step(..., retrieval_labels=..., retrieval_weight=...)` does)."""
+
+    retrieval_loss: torch.FloatTensor | None = None
+
+
+def check_retrieval_labels(
+    retrieval_labels: torch.Tensor, positions: torch.Tensor, num_real: torch.Tensor, config: HierarchicalXLConfig
+) -> torch.Tensor:
+    """Validate `retrieval_labels` [batch, seq_len] (already in position order) against the selection rule ->
+    the patch each query should choose [batch, seq_len] (-1 = none)."""
+    if config.retrieval_top_k == 0:
+        raise ValueError("`retrieval_labels` supervise the choice of far patches: set `retrieval_top_k` > 0.")
+    if retrieval_labels.shape != positions.shape:
+        raise ValueError(f"`retrieval_labels` must be [batch, seq_len] = {tuple(positions.shape)} like `input_ids`, "
+                         f"got shape {tuple(retrieval_labels.shape)}.")
+    labels = retrieval_labels.to(positions.device)
+    supervised = (labels != -100) & (torch.arange(positions.shape[1], device=positions.device) < num_real[:, None])
+    patch = torch.div(labels, config.patch_size, rounding_mode="floor")
+    lo, hi = visible_ranges(positions, config)["selectable"]
+    wrong = supervised & ((labels < 0) | (patch < lo) | (patch >= hi))
+    if bool(wrong.any()):
+        row, column = (int(i) for i in wrong.nonzero()[0])
+        raise ValueError(
+            f"`retrieval_labels[{row}, {column}]` = {int(labels[row, column])}: the query at position "
+            f"{int(positions[row, column])} can only choose a position in a selectable patch, [{int(lo[row, column]) * config.patch_size}, "
+            f"{int(hi[row, column]) * config.patch_size}) (outside its `local_window`, inside `retrieval_window`); "
+            "use -100 for a query without a target."
+        )
+    return torch.where(supervised, patch, -1)
 
 
 def check_cache(cache: object, config: HierarchicalXLConfig) -> None:
@@ -700,7 +762,7 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
     def __init__(self, config: HierarchicalXLConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([HierarchicalXLDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([HierarchicalXLDecoderLayer(config, index) for index in range(config.num_hidden_layers)])
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.post_init()
@@ -722,11 +784,17 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        retrieval_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> HierarchicalXLModelOutput:
         """Inputs [batch, seq_len] of any length. `attention_mask`: 1 = real token; left padding (or right padding
         at the end of rows). With `cache`, the chunk continues the cached rows (a 2D mask may include the cached
         columns, as `generate` passes it). `use_cache` defaults to `config.use_cache` outside training.
+        `retrieval_labels` [batch, seq_len] (retrieval on): for each query the absolute position (counted like the
+        cache counts, from the row's first token) of a token whose patch it should choose, -100 = none; the output's
+        `retrieval_loss` is then the cross-entropy of that choice in every layer after the first (whose queries are
+        the tokens themselves, with no context to choose by), averaged over the supervised queries and layers. A
+        label outside the query's selectable patches is refused.
         `output_attentions=True` is refused: the attention is block-local over three kinds of keys, there is no
         [seq_len, seq_len] map to return."""
         check_token_inputs(input_ids, inputs_embeds, self.config.vocab_size, self.config.hidden_size)
@@ -765,6 +833,12 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
             self.config, seen, num_real, length, cache is not None, self.rotary_emb, inputs_embeds.dtype
         )
         positions = seen[:, None] + torch.arange(length, device=device)
+        if retrieval_labels is not None:
+            if order is not None:
+                retrieval_labels = retrieval_labels.to(device).gather(1, order)
+            targets = check_retrieval_labels(retrieval_labels, positions, num_real, self.config)
+            padded = plan.num_blocks * plan.block
+            plan.selection_targets = nn.functional.pad(targets, (0, padded - length), value=-1).view(-1, plan.block)
         cos, sin = self.rotary_emb(positions, inputs_embeds.dtype)
 
         def restore(states: torch.Tensor) -> torch.Tensor:
@@ -780,7 +854,13 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         hidden_states = restore(self.norm(hidden_states))
         if cache is not None:
             cache.advance(num_real, length, closes)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        retrieval_loss = None
+        if retrieval_labels is not None:
+            total = sum((loss for loss, _ in plan.selection_losses), inputs_embeds.new_zeros((), dtype=torch.float32))
+            count = sum((int(number) for _, number in plan.selection_losses), 0)
+            retrieval_loss = total / max(count, 1)
+        return HierarchicalXLModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states,
+                                         retrieval_loss=retrieval_loss)
 
 
 class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
@@ -841,10 +921,12 @@ class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        retrieval_labels: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> HierarchicalXLCausalLMOutput:
         """`labels` [batch, seq_len] (-100 = ignored) are shifted inside; extra kwargs such as
-        `num_items_in_batch` go to the loss, so Trainer's gradient accumulation is exact."""
+        `num_items_in_batch` go to the loss, so Trainer's gradient accumulation is exact. `retrieval_labels`: see
+        `HierarchicalXLModel.forward` (`retrieval_loss` in the output; `loss` stays the language-model loss)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -853,13 +935,15 @@ class HierarchicalXLForCausalLM(HierarchicalXLPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            retrieval_labels=retrieval_labels,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        return HierarchicalXLCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            retrieval_loss=outputs.retrieval_loss,
         )
 
 

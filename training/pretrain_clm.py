@@ -65,6 +65,11 @@ class CLMRunConfig(RunConfig):
     segment_length: int = 256  # tokens per forward/backward; the memory is carried (detached) across segments
     stream: bool | None = None  # rows follow document streams across steps, memory carried; None: True for XL only
     final_eval: bool = True  # score the whole validation split document by document at the end (byte level)
+    # > 0 (stream training, retrieval on): also teach every layer after the first to choose, for each token, the patch
+    # holding what followed the last occurrence of its `retrieval_match` preceding tokens (recurrence.copy_sources),
+    # this weight times that selection cross-entropy added to the LM loss
+    retrieval_loss_weight: float = 0.0
+    retrieval_match: int = 12
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +82,15 @@ class CLMRunConfig(RunConfig):
             raise ValueError(f"segment_length ({self.segment_length}) must be <= block_size ({self.block_size})")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        weight = self.retrieval_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"retrieval_loss_weight must be a number >= 0 (0 = off), got {weight!r}")
+        if isinstance(self.retrieval_match, bool) or not isinstance(self.retrieval_match, int) or self.retrieval_match < 1:
+            raise ValueError(f"retrieval_match must be an integer >= 1 (tokens of repeated context), got "
+                             f"{self.retrieval_match!r}")
+        if weight > 0 and not (self.stream and self.model.get("retrieval_top_k", 0) > 0):
+            raise ValueError("retrieval_loss_weight > 0 supervises the choice of far patches: it needs stream: true "
+                             "and model.retrieval_top_k > 0 (a hierarchical_xl model with retrieval on)")
         if self.stream and self.block_size % self.segment_length:
             raise ValueError(f"stream: true needs block_size ({self.block_size}) to be a multiple of segment_length "
                              f"({self.segment_length})")
@@ -177,8 +191,18 @@ class CausalLM:
         train_set = StreamDataset(tokenized["train"]["input_ids"], rows=config.per_device_batch_size,
                                   num_processes=PartialState().num_processes, block_size=config.block_size,
                                   segment_length=config.segment_length, pad_token_id=tokenizer.pad_token_id,
-                                  seed=config.seed)
+                                  seed=config.seed, **self.copy_targets(config, tokenizer))
         return train_set, eval_set, None
+
+    @staticmethod
+    def copy_targets(config: CLMRunConfig, tokenizer) -> dict:
+        """The StreamDataset arguments that make it compute `retrieval_labels` (none when the loss is off)."""
+        if not config.retrieval_loss_weight:
+            return {}
+        from hier_transformers import HierarchicalXLConfig
+
+        model_config = HierarchicalXLConfig(vocab_size=len(tokenizer), **config.model)
+        return {"copy_match": config.retrieval_match, "config": model_config}
 
     # ---- the loss of one micro-batch --------------------------------------------------------------------------------
     def block_loss(self, model, input_ids: torch.Tensor, backward=None) -> tuple[torch.Tensor, int]:
@@ -199,7 +223,8 @@ class CausalLM:
             return float(loss_sum), int(n_tokens)
         loss_sum, n_tokens, self.memory = segment_lm_step(
             model, batch["input_ids"], self.config.segment_length, cache=self.carried_memory(model), backward=backward,
-            labels=batch["labels"], attention_mask=batch["attention_mask"], resets=batch["resets"])
+            labels=batch["labels"], attention_mask=batch["attention_mask"], resets=batch["resets"],
+            retrieval_labels=batch.get("retrieval_labels"), retrieval_weight=self.config.retrieval_loss_weight)
         return float(loss_sum), n_tokens
 
     def eval_step(self, model, batch: dict, seed: int):

@@ -50,15 +50,19 @@ class StreamDataset(Dataset):
 
     Item ``(step * num_processes + process) * rows + row`` is step ``step`` of stream ``process * rows + row``.
     ``labels`` are the next token inside the same document (-100 after a document's last token and on padding);
-    ``resets[k]`` is True when segment ``k`` of the block starts a new document for that row.
+    ``resets[k]`` is True when segment ``k`` of the block starts a new document for that row. With ``copy_match`` (and
+    the model's ``config``, retrieval on) items also hold ``retrieval_labels`` [block_size]: each token's
+    ``copy_sources`` target in its document, read from the stream's earlier steps too (a function of the stream
+    alone, so a resumed run gets the same ones).
     """
 
     def __init__(self, documents: Sequence[Sequence[int]], rows: int, num_processes: int, block_size: int,
-                 segment_length: int, pad_token_id: int, seed: int):
+                 segment_length: int, pad_token_id: int, seed: int, copy_match: int = 0, config=None):
         if block_size % segment_length:
             raise ValueError(f"block_size ({block_size}) must be a multiple of segment_length ({segment_length}) "
                              "for stream training")
         self.rows, self.num_processes, self.block_size = rows, num_processes, block_size
+        self.copy_match, self.config = copy_match, config
         self.segment_length = segment_length
         num_streams = rows * num_processes
         documents = split_long_documents(documents, num_streams, segment_length)
@@ -96,5 +100,31 @@ class StreamDataset(Dataset):
         columns = slice(step * self.block_size, (step + 1) * self.block_size)
         segments = slice(step * self.block_size // self.segment_length,
                          (step + 1) * self.block_size // self.segment_length)
-        return {"input_ids": self.input_ids[stream, columns], "labels": self.labels[stream, columns],
+        item = {"input_ids": self.input_ids[stream, columns], "labels": self.labels[stream, columns],
                 "attention_mask": self.real[stream, columns].long(), "resets": self.starts[stream, segments]}
+        if self.copy_match:
+            item["retrieval_labels"] = self.retrieval_labels(stream, columns.start)
+        return item
+
+    def retrieval_labels(self, stream: int, begin: int) -> torch.Tensor:
+        """``copy_sources`` targets [block_size] of the block starting at column ``begin``, each document's tokens
+        read back to ``retrieval_window`` positions before the block (as far as the memory can select)."""
+        from hier_transformers.recurrence import copy_sources
+
+        labels = torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.long)
+        first_segment = torch.nonzero(self.starts[stream, : begin // self.segment_length + 1]).flatten()
+        doc_start = int(first_segment[-1]) * self.segment_length if first_segment.numel() else 0
+        starts = [doc_start] + [int(k) * self.segment_length for k in torch.nonzero(
+            self.starts[stream, begin // self.segment_length + 1: (begin + self.block_size) // self.segment_length]
+        ).flatten() + begin // self.segment_length + 1]
+        ends = starts[1:] + [begin + self.block_size]
+        for start, end in zip(starts, ends):
+            real = int(self.real[stream, start:end].sum())  # a document's tokens come first, padding after
+            low = max(start, begin - self.config.retrieval_window - self.copy_match)
+            first = max(begin, start)
+            if start + real <= first:
+                continue
+            tokens = self.input_ids[stream, low:start + real]
+            found = copy_sources(tokens, self.config, self.copy_match, offset=low - start, first=first - low)
+            labels[first - begin:first - begin + found.numel()] = found
+        return labels
