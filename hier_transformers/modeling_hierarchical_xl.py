@@ -696,11 +696,11 @@ def check_retrieval_labels(
     wrong = supervised & ((labels < 0) | (patch < lo) | (patch >= hi))
     if bool(wrong.any()):
         row, column = (int(i) for i in wrong.nonzero()[0])
+        first, stop = (int(bound[row, column]) * config.patch_size for bound in (lo, hi))
         raise ValueError(
             f"`retrieval_labels[{row}, {column}]` = {int(labels[row, column])}: the query at position "
-            f"{int(positions[row, column])} can only choose a position in a selectable patch, [{int(lo[row, column]) * config.patch_size}, "
-            f"{int(hi[row, column]) * config.patch_size}) (outside its `local_window`, inside `retrieval_window`); "
-            "use -100 for a query without a target."
+            f"{int(positions[row, column])} can only choose a position in a selectable patch, [{first}, {stop}) "
+            "(outside its `local_window`, inside `retrieval_window`); use -100 for a query without a target."
         )
     return torch.where(supervised, patch, -1)
 
@@ -762,7 +762,9 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
     def __init__(self, config: HierarchicalXLConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([HierarchicalXLDecoderLayer(config, index) for index in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [HierarchicalXLDecoderLayer(config, index) for index in range(config.num_hidden_layers)]
+        )
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
         self.post_init()

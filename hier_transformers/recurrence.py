@@ -114,8 +114,9 @@ def segment_lm_step(
     num_selections = 0  # supervised (query, layer) pairs of the whole call: every layer after the first
     if retrieval_labels is not None:
         deeper = getattr(model, "module", model).config.num_hidden_layers - 1
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(retrieval_labels, dtype=torch.bool)
-        supervised = (retrieval_labels != -100) & real.to(retrieval_labels.device)
+        supervised = retrieval_labels != -100
+        if attention_mask is not None:
+            supervised = supervised & attention_mask.bool().to(retrieval_labels.device)
         num_selections = int(supervised.sum()) * deeper
     if cache is None:
         cache = HierarchicalXLCache(getattr(model, "module", model).config)  # DDP-wrapped models too

@@ -85,7 +85,8 @@ class CLMRunConfig(RunConfig):
         weight = self.retrieval_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"retrieval_loss_weight must be a number >= 0 (0 = off), got {weight!r}")
-        if isinstance(self.retrieval_match, bool) or not isinstance(self.retrieval_match, int) or self.retrieval_match < 1:
+        match = self.retrieval_match
+        if isinstance(match, bool) or not isinstance(match, int) or match < 1:
             raise ValueError(f"retrieval_match must be an integer >= 1 (tokens of repeated context), got "
                              f"{self.retrieval_match!r}")
         if weight > 0 and not (self.stream and self.model.get("retrieval_top_k", 0) > 0):
