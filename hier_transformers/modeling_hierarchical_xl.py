@@ -20,6 +20,7 @@ The one-call forward is block-local: queries are processed in blocks, each block
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -457,7 +458,7 @@ class HierarchicalXLAttention(MultiHeadAttention):
         -> (summed loss, number of supervised queries)."""
         lowest = torch.finfo(torch.float32).min  # finite: a query with nothing selectable stays NaN-free
         masked = logits.float().masked_fill(~plan.select_mask[:, None], lowest)
-        mixture = masked.log_softmax(dim=-1).logsumexp(dim=1) - torch.log(torch.tensor(float(logits.shape[1])))
+        mixture = masked.log_softmax(dim=-1).logsumexp(dim=1) - math.log(logits.shape[1])  # [N, q, w]
         hit = (plan.select_index[:, None, :] == plan.selection_targets[..., None]) & plan.select_mask  # [N, q, w]
         supervised = hit.any(dim=-1)  # [N, q]
         return -mixture.masked_fill(~hit, 0.0).sum(dim=-1)[supervised].sum(), supervised.sum()
@@ -682,14 +683,14 @@ class HierarchicalXLCausalLMOutput(CausalLMOutputWithPast):
 def check_retrieval_labels(
     retrieval_labels: torch.Tensor, positions: torch.Tensor, num_real: torch.Tensor, config: HierarchicalXLConfig
 ) -> torch.Tensor:
-    """Validate `retrieval_labels` [batch, seq_len] (already in position order) against the selection rule ->
-    the patch each query should choose [batch, seq_len] (-1 = none)."""
+    """Validate `retrieval_labels` [batch, seq_len] (on the model's device, in position order) against the
+    selection rule -> the patch each query should choose [batch, seq_len] (-1 = none)."""
     if config.retrieval_top_k == 0:
         raise ValueError("`retrieval_labels` supervise the choice of far patches: set `retrieval_top_k` > 0.")
     if retrieval_labels.shape != positions.shape:
         raise ValueError(f"`retrieval_labels` must be [batch, seq_len] = {tuple(positions.shape)} like `input_ids`, "
                          f"got shape {tuple(retrieval_labels.shape)}.")
-    labels = retrieval_labels.to(positions.device)
+    labels = retrieval_labels
     supervised = (labels != -100) & (torch.arange(positions.shape[1], device=positions.device) < num_real[:, None])
     patch = torch.div(labels, config.patch_size, rounding_mode="floor")
     lo, hi = visible_ranges(positions, config)["selectable"]
@@ -836,8 +837,9 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
         )
         positions = seen[:, None] + torch.arange(length, device=device)
         if retrieval_labels is not None:
+            retrieval_labels = retrieval_labels.to(device)
             if order is not None:
-                retrieval_labels = retrieval_labels.to(device).gather(1, order)
+                retrieval_labels = retrieval_labels.gather(1, order)
             targets = check_retrieval_labels(retrieval_labels, positions, num_real, self.config)
             padded = plan.num_blocks * plan.block
             plan.selection_targets = nn.functional.pad(targets, (0, padded - length), value=-1).view(-1, plan.block)
@@ -858,9 +860,10 @@ class HierarchicalXLModel(HierarchicalXLPreTrainedModel):
             cache.advance(num_real, length, closes)
         retrieval_loss = None
         if retrieval_labels is not None:
-            total = sum((loss for loss, _ in plan.selection_losses), inputs_embeds.new_zeros((), dtype=torch.float32))
-            count = sum((int(number) for _, number in plan.selection_losses), 0)
-            retrieval_loss = total / max(count, 1)
+            zero = torch.zeros((), device=device)
+            total = sum((loss for loss, _ in plan.selection_losses), zero)
+            count = sum((number for _, number in plan.selection_losses), zero)  # no host sync per layer
+            retrieval_loss = total / count.clamp_min(1)
         return HierarchicalXLModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states,
                                          retrieval_loss=retrieval_loss)
 

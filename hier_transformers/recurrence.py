@@ -31,6 +31,7 @@ from torch import nn
 
 from .cache_hierarchical_xl import HierarchicalXLCache
 from .configuration_hierarchical_xl import HierarchicalXLConfig
+from .modeling_hierarchical_xl import visible_ranges
 
 
 def iter_segments(input_ids: torch.Tensor, segment_length: int) -> Iterator[torch.Tensor]:
@@ -58,8 +59,6 @@ def copy_sources(
         raise ValueError(f"`tokens` must be one document's tokens [n], got shape {tuple(tokens.shape)}.")
     if not isinstance(match, int) or match < 1:
         raise ValueError(f"`match` must be an integer >= 1 (tokens of context that must repeat), got {match!r}.")
-    from .modeling_hierarchical_xl import visible_ranges
-
     count = tokens.shape[0]
     labels = torch.full((max(count - first, 0),), -100, dtype=torch.long)
     if count - first <= 0 or count < match:
@@ -67,9 +66,7 @@ def copy_sources(
     powers = torch.tensor([pow(1_000_003, i, 2**61 - 1) for i in range(match)], dtype=torch.long)
     hashes = (tokens.long().unfold(0, match, 1) * powers).sum(-1)  # [n - match + 1]: context ending at index match-1+i
     ends = torch.arange(match - 1, count)  # index of each context's last token
-    queries = torch.arange(max(first, match - 1), count)
-    if queries.numel() == 0:
-        return labels
+    queries = torch.arange(max(first, match - 1), count)  # not empty: first < count and match <= count
     positions = offset + queries
     lo, hi = visible_ranges(positions, config)["selectable"]  # [q] patch ranges
     source = offset + ends + 1  # the position each earlier context would send the query to
@@ -111,13 +108,12 @@ def segment_lm_step(
             raise ValueError("`input_ids` needs at least 2 tokens to have a next-token target.")
         labels = nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # [B, L]: the next token, none at the end
     num_predictions = int((labels != -100).sum())
-    num_selections = 0  # supervised (query, layer) pairs of the whole call: every layer after the first
+    num_selections = 0  # supervised queries of the whole call (each segment's mean loss weighs by its share)
     if retrieval_labels is not None:
-        deeper = getattr(model, "module", model).config.num_hidden_layers - 1
         supervised = retrieval_labels != -100
         if attention_mask is not None:
             supervised = supervised & attention_mask.bool().to(retrieval_labels.device)
-        num_selections = int(supervised.sum()) * deeper
+        num_selections = int(supervised.sum())
     if cache is None:
         cache = HierarchicalXLCache(getattr(model, "module", model).config)  # DDP-wrapped models too
     loss_sum = torch.zeros((), device=input_ids.device)
@@ -135,8 +131,8 @@ def segment_lm_step(
         )  # -100 targets are ignored
         objective = loss / max(num_predictions, 1)
         if num_selections:
-            selections = int(supervised[:, columns].sum()) * deeper
-            objective = objective + retrieval_weight * outputs.retrieval_loss * selections / num_selections
+            share = int(supervised[:, columns].sum()) / num_selections
+            objective = objective + retrieval_weight * share * outputs.retrieval_loss
         if backward is not None and objective.requires_grad:
             backward(objective)
         loss_sum = loss_sum + loss.detach()

@@ -107,7 +107,7 @@ def test_training_on_the_selection_loss_makes_the_deeper_layers_choose_the_sourc
         optimizer.zero_grad()
     with torch.no_grad():
         after = float(model(input_ids=held, retrieval_labels=held_labels).retrieval_loss)
-    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.67
+    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.65
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,15 @@ The items are laid out so that a plain (unshuffled) ``DataLoader(batch_size=rows
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+from hier_transformers import HierarchicalXLConfig
+from hier_transformers.recurrence import copy_sources
 
 IGNORE_INDEX = -100
 
@@ -57,10 +61,14 @@ class StreamDataset(Dataset):
     """
 
     def __init__(self, documents: Sequence[Sequence[int]], rows: int, num_processes: int, block_size: int,
-                 segment_length: int, pad_token_id: int, seed: int, copy_match: int = 0, config=None):
+                 segment_length: int, pad_token_id: int, seed: int, copy_match: int = 0,
+                 config: HierarchicalXLConfig | None = None):
         if block_size % segment_length:
             raise ValueError(f"block_size ({block_size}) must be a multiple of segment_length ({segment_length}) "
                              "for stream training")
+        if copy_match and config is None:
+            raise ValueError("copy_match > 0 (retrieval_labels) needs the model's `config`: its selection rule decides "
+                             "which earlier tokens a query may be sent to")
         self.rows, self.num_processes, self.block_size = rows, num_processes, block_size
         self.copy_match, self.config = copy_match, config
         self.segment_length = segment_length
@@ -91,6 +99,8 @@ class StreamDataset(Dataset):
                 self.real[stream, position:end] = True
                 self.starts[stream, position // segment_length] = True
                 position += padded[index]
+        if copy_match:  # the column of each document's first token, per stream, sorted (for `retrieval_labels`)
+            self.document_starts = [(torch.nonzero(row).flatten() * segment_length).tolist() for row in self.starts]
 
     def __len__(self) -> int:
         return self.steps * self.num_processes * self.rows
@@ -109,22 +119,17 @@ class StreamDataset(Dataset):
     def retrieval_labels(self, stream: int, begin: int) -> torch.Tensor:
         """``copy_sources`` targets [block_size] of the block starting at column ``begin``, each document's tokens
         read back to ``retrieval_window`` positions before the block (as far as the memory can select)."""
-        from hier_transformers.recurrence import copy_sources
-
         labels = torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.long)
-        first_segment = torch.nonzero(self.starts[stream, : begin // self.segment_length + 1]).flatten()
-        doc_start = int(first_segment[-1]) * self.segment_length if first_segment.numel() else 0
-        starts = [doc_start] + [int(k) * self.segment_length for k in torch.nonzero(
-            self.starts[stream, begin // self.segment_length + 1: (begin + self.block_size) // self.segment_length]
-        ).flatten() + begin // self.segment_length + 1]
-        ends = starts[1:] + [begin + self.block_size]
-        for start, end in zip(starts, ends):
-            real = int(self.real[stream, start:end].sum())  # a document's tokens come first, padding after
-            low = max(start, begin - self.config.retrieval_window - self.copy_match)
+        stop = begin + self.block_size
+        starts = self.document_starts[stream]
+        overlapping = starts[max(bisect.bisect_right(starts, begin) - 1, 0): bisect.bisect_left(starts, stop)]
+        for start, end in zip(overlapping, overlapping[1:] + [stop]):
             first = max(begin, start)
-            if start + real <= first:
+            real = int(self.real[stream, first:end].sum())  # the document's tokens in the block (padding after them)
+            if real == 0:
                 continue
-            tokens = self.input_ids[stream, low:start + real]
-            found = copy_sources(tokens, self.config, self.copy_match, offset=low - start, first=first - low)
-            labels[first - begin:first - begin + found.numel()] = found
+            low = max(start, begin - self.config.retrieval_window - self.copy_match)
+            tokens = self.input_ids[stream, low:first + real]
+            labels[first - begin:first - begin + real] = copy_sources(
+                tokens, self.config, self.copy_match, offset=low - start, first=first - low)
         return labels
