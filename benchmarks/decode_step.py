@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-READINGS = {"grouped": {}, "joint-shared": dict(retrieval_softmax="joint", retrieval_shared_choice=True),
-            "gated": dict(retrieval_softmax="gated")}
+JOINT_SHARED = dict(retrieval_softmax="joint", retrieval_shared_choice=True)
+READINGS = {"grouped": {}, "joint-shared": JOINT_SHARED, "gated": dict(retrieval_softmax="gated"),
+            "joint-shared-choice": JOINT_SHARED | dict(retrieval_choice_query=True)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--reading", choices=sorted(READINGS), default="grouped", help="how retrieval is read: the "
                         "default's grouped softmax, the passkey model's joint softmax with the first layer's choice "
-                        "shared, or the gated branch (the text model's); the last two need a checkout that has them")
+                        "shared (and with the choice's own query: joint-shared-choice), or the gated branch (the text "
+                        "model's); all but grouped need a checkout that has them")
     args = parser.parse_args(argv)
     sys.path.insert(0, args.code)
     from hier_transformers import HierarchicalXLConfig, HierarchicalXLForCausalLM
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     config = HierarchicalXLConfig(vocab_size=260, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                   intermediate_size=1024, retrieval_top_k=4, retrieval_window=65536,
-                                  **READINGS[args.reading])  # a closed gate (its init) costs the same
+                                  **READINGS[args.reading])  # a closed gate, a zero choice query (inits): same cost
     model = HierarchicalXLForCausalLM(config).eval()
     for context in args.contexts:
         ids = torch.randint(4, 200, (1, context))

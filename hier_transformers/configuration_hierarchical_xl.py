@@ -84,6 +84,12 @@ class HierarchicalXLConfig(PreTrainedConfig):
             layer's queries match tokens (a digit finds the patches holding it), deeper ones context (the question
             finds the key sentence); TidalDecode reuses a few layers' selection in the same way. False: every layer
             reads only its own choice.
+        retrieval_choice_query: every layer after the first chooses its patches with a query of its own: the content
+            query, held fixed, plus a learned linear map of the token (initialised at 0, so the model starts as the
+            one without it and a checkpoint trained without it loads). Only the selection loss (`retrieval_labels`)
+            trains it, and the summary keys it scores are held fixed too, so the loss cannot move the choosing
+            layer's query and key projections (it reaches the layers below through the token state the map reads);
+            the gates and the compressed branch keep the content logits. False: the choice is the content logits'.
         retrieval_recency: selection logit each candidate loses per patch of age, per head, before the softmax over
             candidates (>= 0). It breaks ties: two patches of equal content (repeated text) then differ by more than
             float noise and the newer wins, so the choice does not depend on how a text was cut into calls. It is
@@ -122,6 +128,7 @@ class HierarchicalXLConfig(PreTrainedConfig):
     retrieval_window: int = 16384
     retrieval_softmax: str = "grouped"
     retrieval_shared_choice: bool = False
+    retrieval_choice_query: bool = False
     retrieval_recency: float = 1e-4
     key_shift: bool = False
     rope_theta: float = 10000.0
@@ -198,9 +205,13 @@ class HierarchicalXLConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout!r}.")
         check_activation(self)
         check_token_ids(self, ("pad_token_id", "bos_token_id", "eos_token_id"))
-        for name in ("attention_bias", "key_shift", "retrieval_shared_choice", "tie_word_embeddings", "use_cache"):
+        for name in ("attention_bias", "key_shift", "retrieval_shared_choice", "retrieval_choice_query",
+                     "tie_word_embeddings", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.retrieval_choice_query and self.retrieval_top_k == 0:
+            raise ValueError("`retrieval_choice_query=True` needs retrieval on: set `retrieval_top_k` > 0, or "
+                             "`retrieval_choice_query=False`.")
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
         self.validate()  # before anything is written: a folder that cannot be loaded back is never made

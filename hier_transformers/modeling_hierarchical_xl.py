@@ -315,6 +315,8 @@ class HierarchicalXLAttention(MultiHeadAttention):
         if config.retrieval_top_k > 0 and config.retrieval_softmax == "gated":  # per head: how much retrieval adds
             self.retrieval_gate = nn.Parameter(torch.zeros(config.num_attention_heads, config.hidden_size))
             self.retrieval_gate_bias = nn.Parameter(torch.zeros(config.num_attention_heads))
+        if config.retrieval_choice_query and layer_idx > 0:  # the choice's own query: content query + this map
+            self.choice_query = nn.Parameter(torch.zeros(config.num_attention_heads * self.head_dim, config.hidden_size))
 
     def pool_patches(
         self, hidden_states: torch.Tensor, plan: AttentionPlan, cached: dict[str, torch.Tensor] | None
@@ -395,7 +397,13 @@ class HierarchicalXLAttention(MultiHeadAttention):
         block_values = self.to_blocks(all_values.index_select(2, plan.index), plan)
         if self.config.retrieval_top_k > 0:
             content_query = self.to_blocks(nn.functional.pad(content_query, pad), plan)
-            retrieved = self.retrieve(content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan)
+            choice_query = None
+            if hasattr(self, "choice_query"):
+                choice_query = self.split_heads(nn.functional.linear(hidden_states, self.choice_query))  # [B, h, S, d]
+                choice_query = self.to_blocks(nn.functional.pad(choice_query, pad), plan)
+            retrieved = self.retrieve(
+                content_query, new, (content_patch_keys, new["patches"][1]), cache_layer, plan, choice_query
+            )
             branch_gate = None
             if self.config.retrieval_softmax == "gated":
                 gate = nn.functional.linear(hidden_states, self.retrieval_gate, self.retrieval_gate_bias)  # [B, S, h]
@@ -470,9 +478,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
         content_patches: tuple[torch.Tensor, torch.Tensor],
         cache_layer: HierarchicalXLCacheLayer | None,
         plan: AttentionPlan,
+        choice_query: torch.Tensor | None = None,
     ) -> RetrievedPatches:
         """What each query of each block reads of the far patches (`content_query` [B * nb, h, block, d], before
-        RoPE; `content_patches`: this chunk's patch summary keys before RoPE and values [B, h, U, d]).
+        RoPE; `content_patches`: this chunk's patch summary keys before RoPE and values [B, h, U, d]; `choice_query`
+        [B * nb, h, block, d]: with `retrieval_choice_query`, what the choice adds to the content query).
 
         Every query scores the block's candidates once (`plan.select_index`: the summary keys of the patch ring as they
         lie, a view shared by all blocks of a row, then this chunk's new patches by index): its content logits (query
@@ -499,11 +509,15 @@ class HierarchicalXLAttention(MultiHeadAttention):
                 return ring
             return ring + [read_indices(None, content_patches[part], plan.first_new["patches"], index).flatten(0, 1)]
 
-        query = content_query.float() * self.scaling  # the ring keeps summary keys before RoPE
-        logits = torch.cat([rows_matmul(query, part.float().transpose(2, 3)) for part in summaries(0)], -1)
-        spots, real, _ = self.select_patches(logits.detach(), plan)  # [B * nb, q, k]
+        keys = [part.float().transpose(2, 3) for part in summaries(0)]  # the ring keeps summary keys before RoPE
+        logits = torch.cat([rows_matmul(content_query.float() * self.scaling, part) for part in keys], -1)
+        choice_logits = logits  # what chooses and what `retrieval_labels` supervise
+        if choice_query is not None:  # only the selection loss trains the choice's own query: the rest held fixed
+            query = (content_query.detach().float() + choice_query.float()) * self.scaling
+            choice_logits = torch.cat([rows_matmul(query, part.detach()) for part in keys], -1)
+        spots, real, _ = self.select_patches(choice_logits.detach(), plan)  # [B * nb, q, k]
         if plan.selection_targets is not None and self.layer_idx > 0:  # the first layer's queries are the tokens
-            plan.selection_losses.append(self.selection_loss(logits, plan))
+            plan.selection_losses.append(self.selection_loss(choice_logits, plan))
         if self.config.retrieval_shared_choice:  # the first layer's choice, then this layer's own (read once)
             if plan.choice is None:
                 plan.choice = (spots, real)
@@ -645,7 +659,9 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["HierarchicalXLDecoderLayer"]
     _supports_sdpa = True
     # initialised at 0 (the model without them), so a checkpoint trained without `key_shift` or gated retrieval loads
-    _keys_to_ignore_on_load_missing = [r"self_attn\.key_shift$", r"self_attn\.retrieval_gate(_bias)?$"]
+    _keys_to_ignore_on_load_missing = [
+        r"self_attn\.key_shift$", r"self_attn\.retrieval_gate(_bias)?$", r"self_attn\.choice_query$"
+    ]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -654,6 +670,8 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
         if isinstance(module, HierarchicalXLAttention) and hasattr(module, "retrieval_gate"):
             init.zeros_(module.retrieval_gate)  # the branch starts closed: the model without retrieval
             init.zeros_(module.retrieval_gate_bias)
+        if isinstance(module, HierarchicalXLAttention) and hasattr(module, "choice_query"):
+            init.zeros_(module.choice_query)  # chooses as the content query: the model without it
         if isinstance(module, RotaryEmbedding):  # non-persistent buffer: recompute it (meta-device loading)
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=module.inv_freq.device) / head_dim

@@ -23,12 +23,15 @@ def tiny_model(**overrides) -> HierarchicalXLForCausalLM:
 
 
 def open_retrieval_gates(model: HierarchicalXLForCausalLM) -> HierarchicalXLForCausalLM:
-    """Gated retrieval starts closed (the model without it): draw its gates at random, so that the branch counts."""
+    """Gated retrieval starts closed and the choice query at 0 (the model without them): draw them at random, so that
+    they count."""
     with torch.no_grad():
         for layer in model.model.layers:
             if hasattr(layer.self_attn, "retrieval_gate"):
                 layer.self_attn.retrieval_gate.normal_(0.0, 0.5)
                 layer.self_attn.retrieval_gate_bias.fill_(1.0)
+            if hasattr(layer.self_attn, "choice_query"):  # starts at 0 as well: the content query's choice
+                layer.self_attn.choice_query.normal_(0.0, 0.3)
     return model
 
 

@@ -70,7 +70,9 @@ def test_retrieval_off_leaves_model_and_cache_untouched():
     "overrides, field",
     [(dict(retrieval_top_k=-1), "retrieval_top_k"), (dict(retrieval_top_k=1.5), "retrieval_top_k"),
      (dict(retrieval_window=5), "retrieval_window"), (dict(retrieval_softmax="flat"), "retrieval_softmax"),
-     (dict(retrieval_recency=-1e-4), "retrieval_recency"), (dict(retrieval_recency="1e-4"), "retrieval_recency")],
+     (dict(retrieval_recency=-1e-4), "retrieval_recency"), (dict(retrieval_recency="1e-4"), "retrieval_recency"),
+     (dict(retrieval_top_k=0, retrieval_choice_query=True), "retrieval_choice_query"),
+     (dict(retrieval_choice_query=1), "retrieval_choice_query")],
 )
 def test_config_rejects_invalid_retrieval_values(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -129,8 +131,9 @@ def test_training_reaches_every_candidate_so_every_choice_score_learns():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(section_size=2), dict(section_size=None), dict(retrieval_softmax="joint", retrieval_shared_choice=True),
-                dict(retrieval_softmax="gated")]
+    "options",
+    [dict(section_size=2), dict(section_size=None), dict(retrieval_softmax="joint", retrieval_shared_choice=True),
+     dict(retrieval_softmax="gated"), dict(retrieval_softmax="joint", retrieval_choice_query=True)],
 )
 def test_one_call_equals_segments_equals_token_by_token(margins, options):
     """90 tokens: past the window (6), the summaries and the retrieval window (24); the rows' top-k choices have a
@@ -141,7 +144,7 @@ def test_one_call_equals_segments_equals_token_by_token(margins, options):
         reference = model(input_ids, use_cache=False).logits
         for sizes in ([1], [3], [4], [11], [5, 1, 13], [90]):
             torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
-        no_retrieval = tiny_model(**options, retrieval_top_k=0)(input_ids, use_cache=False).logits
+        no_retrieval = tiny_model(**(options | dict(retrieval_top_k=0, retrieval_choice_query=False)))(input_ids).logits
     assert min(margins) > 1e-4, "a near-tie of patch scores: pick other inputs"
     assert (reference - no_retrieval).abs().max() > 1e-2  # retrieval is really on
 

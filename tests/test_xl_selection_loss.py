@@ -85,13 +85,20 @@ def test_selection_loss_trains_the_choice_of_layers_after_the_first_only():
     assert float(single(input_ids=tokens, retrieval_labels=labels).retrieval_loss) == 0.0
 
 
-def test_training_on_the_selection_loss_makes_the_deeper_layers_choose_the_source():
+@pytest.mark.parametrize("own_query", [False, True], ids=["content-query", "choice-query"])
+def test_training_on_the_selection_loss_makes_the_deeper_layers_choose_the_source(own_query):
     """Fresh random documents every step (nothing to memorise), scored on other held-out ones: the loss falls below
-    chance (the log of the number of selectable patches), so the deeper layers learned to choose by context."""
+    chance (the log of the number of selectable patches), so the deeper layers learned to choose by context. With
+    `retrieval_choice_query` the deepest layer's query and key projections and its MLP stay as they were (the loss
+    reaches the layers below only through the choice query's input, the token state)."""
     torch.manual_seed(0)
-    config = HierarchicalXLConfig(**(CONFIG | {"initializer_range": 0.02}))
+    # the choice query scores summary keys it cannot move: at initializer_range 0.02 they hardly tell patches apart
+    # (2.10 -> 1.99 in 100 steps at lr 1e-2), at 0.1 they do, as a trained model's keys do
+    init = 0.1 if own_query else 0.02
+    config = HierarchicalXLConfig(**(CONFIG | {"initializer_range": init, "retrieval_choice_query": own_query}))
     model = HierarchicalXLForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    initial = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)  # no decay: no gradient, no move
 
     def batch(seeds) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.stack([repeated_document(seed) for seed in seeds])
@@ -107,7 +114,49 @@ def test_training_on_the_selection_loss_makes_the_deeper_layers_choose_the_sourc
         optimizer.zero_grad()
     with torch.no_grad():
         after = float(model(input_ids=held, retrieval_labels=held_labels).retrieval_loss)
-    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.65
+    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.65 (content query), 2.11 -> 1.57 (own)
+    moved = {name for name, weight in model.named_parameters() if not torch.equal(weight, initial[name])}
+    deepest = {"model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight"}
+    if own_query:
+        assert {f"model.layers.{i}.self_attn.choice_query" for i in (1, 2)} <= moved
+        assert not moved & (deepest | {name for name in initial if name.startswith("model.layers.2.mlp.")})
+    else:
+        assert deepest <= moved
+
+
+def test_choice_query_starts_as_the_model_without_it_and_only_the_selection_loss_trains_it(tmp_path):
+    """At 0 (its initialisation) the choice query changes nothing: a checkpoint trained without it loads with it
+    switched on and gives the same logits and selection loss, and the selection loss then reaches nothing else. The
+    LM loss never reaches it; the selection loss never reaches the choosing layer's own query and key projections."""
+    torch.manual_seed(0)
+    HierarchicalXLForCausalLM(HierarchicalXLConfig(**CONFIG)).save_pretrained(tmp_path / "without")
+    without = HierarchicalXLForCausalLM.from_pretrained(tmp_path / "without").train()
+    with_query = HierarchicalXLForCausalLM.from_pretrained(tmp_path / "without", retrieval_choice_query=True).train()
+    assert not hasattr(with_query.model.layers[0].self_attn, "choice_query")  # the first layer is not supervised
+    tokens = torch.stack([repeated_document(0), repeated_document(1)])
+    labels = torch.stack([copy_sources(row, with_query.config, match=5) for row in tokens])
+    reference = without(input_ids=tokens, labels=tokens, retrieval_labels=labels)
+    output = with_query(input_ids=tokens, labels=tokens, retrieval_labels=labels)
+    torch.testing.assert_close(output.logits, reference.logits, atol=0, rtol=0)
+    torch.testing.assert_close(output.retrieval_loss, reference.retrieval_loss, atol=0, rtol=0)
+
+    def reached(loss: torch.Tensor) -> set[str]:
+        with_query.zero_grad()
+        loss.backward(retain_graph=True)
+        return {name for name, weight in with_query.named_parameters() if weight.grad is not None and weight.grad.any()}
+
+    own = {f"model.layers.{i}.self_attn.choice_query" for i in (1, 2)}
+    assert reached(output.retrieval_loss) == own
+    assert not reached(output.loss) & own
+    assert "model.layers.2.self_attn.q_proj.weight" in reached(output.loss)
+    with torch.no_grad():  # trained: the choice query reads the token state, which the layers below make
+        for layer in with_query.model.layers[1:]:
+            layer.self_attn.choice_query.normal_(0.0, 0.3)
+    output = with_query(input_ids=tokens, labels=tokens, retrieval_labels=labels)
+    selection = reached(output.retrieval_loss)
+    assert own <= selection and "model.layers.0.self_attn.q_proj.weight" in selection
+    assert not selection & {"model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight"}
+    assert not reached(output.loss) & own
 
 
 @pytest.mark.parametrize(
