@@ -510,10 +510,11 @@ class HierarchicalXLAttention(MultiHeadAttention):
             return ring + [read_indices(None, content_patches[part], plan.first_new["patches"], index).flatten(0, 1)]
 
         keys = [part.float().transpose(2, 3) for part in summaries(0)]  # the ring keeps summary keys before RoPE
-        logits = torch.cat([rows_matmul(content_query.float() * self.scaling, part) for part in keys], -1)
+        query = content_query.float() * self.scaling
+        logits = torch.cat([rows_matmul(query, part) for part in keys], -1)
         choice_logits = logits  # what chooses and what `retrieval_labels` supervise
         if choice_query is not None:  # only the selection loss trains the choice's own query: the rest held fixed
-            query = (content_query.detach().float() + choice_query.float()) * self.scaling
+            query = query.detach() + choice_query.float() * self.scaling
             choice_logits = torch.cat([rows_matmul(query, part.detach()) for part in keys], -1)
         spots, real, _ = self.select_patches(choice_logits.detach(), plan)  # [B * nb, q, k]
         if plan.selection_targets is not None and self.layer_idx > 0:  # the first layer's queries are the tokens
@@ -658,7 +659,8 @@ class HierarchicalXLPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["HierarchicalXLDecoderLayer"]
     _supports_sdpa = True
-    # initialised at 0 (the model without them), so a checkpoint trained without `key_shift` or gated retrieval loads
+    # initialised at 0 (the model without them): a checkpoint trained without `key_shift`, gated retrieval or the
+    # choice query loads with them on
     _keys_to_ignore_on_load_missing = [
         r"self_attn\.key_shift$", r"self_attn\.retrieval_gate(_bias)?$", r"self_attn\.choice_query$"
     ]

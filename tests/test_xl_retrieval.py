@@ -144,7 +144,8 @@ def test_one_call_equals_segments_equals_token_by_token(margins, options):
         reference = model(input_ids, use_cache=False).logits
         for sizes in ([1], [3], [4], [11], [5, 1, 13], [90]):
             torch.testing.assert_close(run_segments(model, input_ids, sizes), reference, atol=1e-5, rtol=1e-5)
-        no_retrieval = tiny_model(**(options | dict(retrieval_top_k=0, retrieval_choice_query=False)))(input_ids).logits
+        off = tiny_model(**(options | dict(retrieval_top_k=0, retrieval_choice_query=False)))
+        no_retrieval = off(input_ids, use_cache=False).logits
     assert min(margins) > 1e-4, "a near-tie of patch scores: pick other inputs"
     assert (reference - no_retrieval).abs().max() > 1e-2  # retrieval is really on
 
