@@ -114,7 +114,7 @@ def test_training_on_the_selection_loss_makes_the_deeper_layers_choose_the_sourc
         optimizer.zero_grad()
     with torch.no_grad():
         after = float(model(input_ids=held, retrieval_labels=held_labels).retrieval_loss)
-    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.65 (content query), 2.11 -> 1.57 (own)
+    assert after < 0.9 * before, (before, after)  # measured 2.10 -> 1.80 (content query), 2.11 -> 1.58 (own)
     moved = {name for name, weight in model.named_parameters() if not torch.equal(weight, initial[name])}
     deepest = {"model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight"}
     if own_query:
