@@ -368,7 +368,9 @@ def test_passkey_benchmark_scores_exact_match_and_writes_json(passkey, tmp_path,
     assert list(results)[1].endswith("retrieval off)") and model.config.retrieval_top_k == 2
 
 
-def test_passkey_retrieval_recency_flag_reaches_the_model_and_is_validated(passkey, tmp_path, monkeypatch):
+def test_passkey_read_time_flags_reach_the_model_and_are_validated(passkey, tmp_path, monkeypatch):
+    """--retrieval-recency and --retrieval-top-k set the loaded model's config for every trial, land in the JSON, and
+    an impossible value is refused by the config's own check, by name."""
     import json
 
     from hier_transformers import ByteTokenizer
@@ -379,16 +381,19 @@ def test_passkey_retrieval_recency_flag_reaches_the_model_and_is_validated(passk
     seen = []
 
     def oracle(model, tokenizer, prompt, new_tokens, chunk):
-        seen.append(model.config.retrieval_recency)
+        seen.append((model.config.retrieval_recency, model.config.retrieval_top_k))
         return " " + prompt.split("The pass key is ")[1][:5] + "."
 
     monkeypatch.setattr(passkey, "greedy_answer", oracle)
     output = tmp_path / "passkey.json"
     passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "2", "--no-ablation",
-                  "--retrieval-recency", "1e-5", "--output", str(output)])
-    assert seen == [1e-5, 1e-5] and json.loads(output.read_text())["retrieval_recency"] == 1e-5
+                  "--retrieval-recency", "1e-5", "--retrieval-top-k", "1", "--output", str(output)])
+    summary = json.loads(output.read_text())
+    assert seen == [(1e-5, 1), (1e-5, 1)] and (summary["retrieval_recency"], summary["retrieval_top_k"]) == (1e-5, 1)
     with pytest.raises(ValueError, match="retrieval_recency"):
         passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "1", "--retrieval-recency", "-1"])
+    with pytest.raises(ValueError, match="retrieval_top_k"):
+        passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "1", "--retrieval-top-k", "-2"])
 
 
 def test_passkey_mistral_peer_gets_equal_cache_bytes_and_a_full_attention_twin(passkey, tmp_path, monkeypatch):

@@ -347,8 +347,10 @@ def run_benchmark(args) -> dict:
     for weights in [None] if args.only_baselines else args.weights or [None]:
         model, tokenizer = load(args.checkpoint, weights)
         if model.config.model_type == "hierarchical_xl":
-            # read-time knobs no weight depends on: the cache bound (selection is position-free) and the recency prior
-            read_time = {"retrieval_window": args.retrieval_window, "retrieval_recency": args.retrieval_recency}
+            # read-time knobs no weight has a shape for: the cache bound (selection is position-free), the recency
+            # prior, how many patches each layer reads
+            read_time = {"retrieval_window": args.retrieval_window, "retrieval_recency": args.retrieval_recency,
+                         "retrieval_top_k": args.retrieval_top_k}
             model.config.update({name: value for name, value in read_time.items() if value is not None})
             model.config.validate()
             equal_window = cache_slots_per_layer(model.config)
@@ -376,7 +378,7 @@ def run_benchmark(args) -> dict:
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
                "trials": args.trials, "corpus": args.corpus, "retrieval_window": args.retrieval_window,
-               "retrieval_recency": args.retrieval_recency,
+               "retrieval_recency": args.retrieval_recency, "retrieval_top_k": args.retrieval_top_k,
                "results": rows, "notes": notes, "table": table}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -445,6 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "window (the cache bound; a Mistral baseline gets the same cache bytes as its sliding window)")
     parser.add_argument("--retrieval-recency", type=float, help="score a HierarchicalXL checkpoint with this "
                         "selection logit lost per patch of age (its config's retrieval_recency otherwise)")
+    parser.add_argument("--retrieval-top-k", type=int, help="score a HierarchicalXL checkpoint reading this many "
+                        "patches per layer (its config's retrieval_top_k otherwise; the ablation row still reads none)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the retrieval-off rows")
     parser.add_argument("--only-baselines", action="store_true",
                         help="score only the baselines (CHECKPOINT still sets the equal-cache sliding window)")
