@@ -340,6 +340,14 @@ def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, d
     return rows
 
 
+def read_time(args) -> dict:
+    """The HierarchicalXL config fields the command line may set for reading (None = the checkpoint's own): knobs no
+    weight has a shape for: the cache bound (selection is position-free), the recency prior, the patches each layer
+    reads."""
+    return {"retrieval_window": args.retrieval_window, "retrieval_recency": args.retrieval_recency,
+            "retrieval_top_k": args.retrieval_top_k}
+
+
 def run_benchmark(args) -> dict:
     haystack = load_haystack(args.corpus, "validation")
     rows, notes, equal_window = {}, [], None
@@ -347,11 +355,7 @@ def run_benchmark(args) -> dict:
     for weights in [None] if args.only_baselines else args.weights or [None]:
         model, tokenizer = load(args.checkpoint, weights)
         if model.config.model_type == "hierarchical_xl":
-            # read-time knobs no weight has a shape for: the cache bound (selection is position-free), the recency
-            # prior, how many patches each layer reads
-            read_time = {"retrieval_window": args.retrieval_window, "retrieval_recency": args.retrieval_recency,
-                         "retrieval_top_k": args.retrieval_top_k}
-            model.config.update({name: value for name, value in read_time.items() if value is not None})
+            model.config.update({name: value for name, value in read_time(args).items() if value is not None})
             model.config.validate()
             equal_window = cache_slots_per_layer(model.config)
             notes.append(f"{Path(args.checkpoint).name}: cache {equal_window:,} slots per layer "
@@ -377,8 +381,7 @@ def run_benchmark(args) -> dict:
     table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in dict.fromkeys(notes))
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
-               "trials": args.trials, "corpus": args.corpus, "retrieval_window": args.retrieval_window,
-               "retrieval_recency": args.retrieval_recency, "retrieval_top_k": args.retrieval_top_k,
+               "trials": args.trials, "corpus": args.corpus, **read_time(args),
                "results": rows, "notes": notes, "table": table}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
