@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -222,7 +223,8 @@ def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int,
     for distance in distances:
         rng = random.Random(f"{seed}-{distance}")
         exact, digits, skipped, started = 0, 0.0, False, time.perf_counter()
-        for _ in range(trials):
+        progress = tqdm(range(trials), desc=f"{distance:,} B", unit="trial", leave=False)
+        for _ in progress:
             key = random_key(rng)
             prompt, _ = build_prompt(key, distance, haystack, rng)
             new_tokens = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 1
@@ -231,6 +233,8 @@ def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int,
                 break
             hit, right = score_answer(greedy_answer(model, tokenizer, prompt, new_tokens, chunk), key)
             exact, digits = exact + hit, digits + right
+            progress.set_postfix(exact=exact, refresh=False)
+        progress.close()
         results[str(distance)] = (
             {"exact_match": None, "digits": None, "trials": 0, "note": f"beyond the context ({limit} tokens)"}
             if skipped
