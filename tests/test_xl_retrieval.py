@@ -396,6 +396,34 @@ def test_passkey_read_time_flags_reach_the_model_and_are_validated(passkey, tmp_
         passkey.main([str(tmp_path / "model"), "--distances", "100", "--trials", "1", "--retrieval-top-k", "-2"])
 
 
+def test_passkey_split_evaluation_scores_the_trials_of_one_long_run(passkey, tmp_path, monkeypatch):
+    """--first-trial N scores exactly the prompts a longer run scores after its first N (same keys, same haystack
+    offsets), so a 50-trial evaluation split across processes adds up to the one run; a negative N is refused."""
+    import json
+
+    from hier_transformers import ByteTokenizer
+
+    tiny_model(vocab_size=260).save_pretrained(tmp_path / "model")
+    ByteTokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(passkey, "load_haystack", lambda corpus, split: "Some held-out text, long enough. " * 40)
+    prompts = []
+
+    def oracle(model, tokenizer, prompt, new_tokens, chunk):
+        prompts.append(prompt)
+        return " " + prompt.split("The pass key is ")[1][:5] + "."
+
+    monkeypatch.setattr(passkey, "greedy_answer", oracle)
+    args = [str(tmp_path / "model"), "--distances", "100", "300", "--no-ablation"]
+    passkey.main(args + ["--trials", "5"])
+    whole, prompts[:] = list(prompts), []
+    output = tmp_path / "tail.json"
+    passkey.main(args + ["--trials", "3", "--first-trial", "2", "--output", str(output)])
+    assert prompts == whole[2:5] + whole[7:10] and len(set(whole)) == 10
+    assert json.loads(output.read_text())["first_trial"] == 2
+    with pytest.raises(SystemExit):
+        passkey.main(args + ["--first-trial", "-1"])
+
+
 def test_passkey_mistral_peer_gets_equal_cache_bytes_and_a_full_attention_twin(passkey, tmp_path, monkeypatch):
     """A Mistral baseline is scored with the sliding window that holds the HierarchicalXL model's cache bytes, and its
     same weights as a Llama (full attention up to its context): the Llama computes exactly what the Mistral does

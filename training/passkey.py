@@ -216,12 +216,18 @@ def digit_probe(model, tokenizer, distance: int, trials: int, haystack: str, see
     return probe
 
 
-def evaluate(model, tokenizer, distances, trials: int, haystack: str, seed: int, chunk: int) -> dict[str, dict]:
-    """Exact match and digit accuracy per distance; the same keys and haystack offsets for every model (`seed`)."""
+def evaluate(
+    model, tokenizer, distances, trials: int, haystack: str, seed: int, chunk: int, first_trial: int = 0
+) -> dict[str, dict]:
+    """Exact match and digit accuracy per distance; the same keys and haystack offsets for every model (`seed`).
+    `first_trial`: score trials `first_trial` .. `first_trial + trials - 1` of each distance's sequence (the earlier
+    ones drawn and skipped), so one long evaluation can be split across processes and its counts added."""
     limit = context_limit(model)
     results = {}
     for distance in distances:
         rng = random.Random(f"{seed}-{distance}")
+        for _ in range(first_trial):  # draw exactly what a scored trial draws
+            build_prompt(random_key(rng), distance, haystack, rng)
         exact, digits, skipped, started = 0, 0.0, False, time.perf_counter()
         progress = tqdm(range(trials), desc=f"{distance:,} B", unit="trial", leave=False)
         for _ in progress:
@@ -323,7 +329,8 @@ def cache_slots_per_layer(config) -> int:
 def scored_rows(model, tokenizer, name: str, args, haystack: str) -> dict[str, dict]:
     """The rows of one model: itself and, for a HierarchicalXL model with retrieval on, the same weights with it off."""
     def score() -> dict:
-        return (evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk)
+        return (evaluate(model, tokenizer, args.distances, args.trials, haystack, args.seed, args.chunk,
+                         args.first_trial)
                 | {"copy_loss": copy_loss(model, tokenizer, args.seed),
                    "induction_loss": copy_loss(model, tokenizer, args.seed, gap=16, haystack=haystack)})
 
@@ -385,7 +392,7 @@ def run_benchmark(args) -> dict:
     table = markdown(rows, args.distances) + "".join(f"\n{note}" for note in dict.fromkeys(notes))
     print(table)
     summary = {"checkpoint": args.checkpoint, "weights": args.weights, "distances": args.distances,
-               "trials": args.trials, "corpus": args.corpus, **read_time(args),
+               "trials": args.trials, "first_trial": args.first_trial, "corpus": args.corpus, **read_time(args),
                "results": rows, "notes": notes, "table": table}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -469,6 +476,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--corpus", choices=("shakespeare", "news"), default="shakespeare")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-trial", type=int, default=0, help="score trials FIRST_TRIAL.. of each distance's "
+                        "sequence (the keys a run with more trials would score after the first FIRST_TRIAL): split "
+                        "a long evaluation across processes and add the counts")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
     parser.add_argument("--output", help="JSON file for the results")
     parser.add_argument("--write-training-data", metavar="JSONL", help="write passkey training documents instead")
@@ -493,6 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give a CHECKPOINT to evaluate, or --write-training-data JSONL")
     if any(distance < 1 for distance in args.distances) or args.trials < 1:
         parser.error("--distances and --trials must be >= 1")
+    if args.first_trial < 0:
+        parser.error("--first-trial must be >= 0 (0: the sequence from its start)")
     if args.distance_weights is not None and (
         len(args.distance_weights) != len(args.distances) or min(args.distance_weights) < 0
         or not sum(args.distance_weights) > 0
