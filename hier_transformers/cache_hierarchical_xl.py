@@ -86,13 +86,19 @@ def ring_slot(index: torch.Tensor, slots: int) -> torch.Tensor:
     return index.remainder(slots)
 
 
+def slot_rows(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The rows of `states` [B, heads, T, d] viewed as [B * heads * T, d] that `slots` [B, ..., K] name, per head
+    -> [B, ..., heads, K]."""
+    batch, heads, total, _ = states.shape
+    head_rows = torch.arange(batch * heads, device=slots.device).view(batch, *[1] * (slots.dim() - 2), heads, 1)
+    return head_rows * total + slots.unsqueeze(-2)
+
+
 def gather_slots(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """states [B, heads, T, d], slots [B, ..., K] (per row, optionally per block) -> [B, ..., heads, K, d]. Copies
     whole rows of `d` values (one index per row, not per value)."""
-    batch, heads, total, dim = states.shape
-    head_rows = torch.arange(batch * heads, device=slots.device).view(batch, *[1] * (slots.dim() - 2), heads, 1)
-    rows = head_rows * total + slots.unsqueeze(-2)  # [B, ..., heads, K]
-    return states.reshape(-1, dim).index_select(0, rows.flatten()).view(*rows.shape, dim)
+    rows = slot_rows(states, slots)  # [B, ..., heads, K]
+    return states.reshape(-1, states.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, states.shape[-1])
 
 
 class HierarchicalXLCacheLayer:

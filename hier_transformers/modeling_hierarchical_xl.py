@@ -38,6 +38,7 @@ from .cache_hierarchical_xl import (
     cached_slots,
     gather_slots,
     ring_slot,
+    slot_rows,
     window_slots,
 )
 from .configuration_hierarchical_xl import HierarchicalXLConfig
@@ -109,11 +110,10 @@ def read_indices(
         return gather_slots(new, offset.clamp_min(0))
     # every index from the ring, then this chunk's copied over: a `where` over two full gathers costs three times this
     states = gather_slots(cached, ring_slot(index, cached.shape[2]))  # [B, ..., h, n, d]
-    batch, heads, length, dim = new.shape
     fresh = (offset >= 0).unsqueeze(-2).expand(states.shape[:-1]).flatten().nonzero().squeeze(1)
     if fresh.numel():
-        head_rows = torch.arange(batch * heads, device=index.device).view(batch, *[1] * (index.dim() - 2), heads, 1)
-        rows = (head_rows * length + offset.clamp_min(0).unsqueeze(-2)).flatten().index_select(0, fresh)
+        rows = slot_rows(new, offset.clamp_min(0)).flatten().index_select(0, fresh)
+        dim = new.shape[-1]
         states.view(-1, dim).index_copy_(0, fresh, new.reshape(-1, dim).index_select(0, rows))
     return states
 

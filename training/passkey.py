@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import random
 import sys
@@ -226,13 +227,11 @@ def evaluate(
     results = {}
     for distance in distances:
         rng = random.Random(f"{seed}-{distance}")
-        for _ in range(first_trial):  # draw exactly what a scored trial draws
-            build_prompt(random_key(rng), distance, haystack, rng)
+        drawn = ((key, build_prompt(key, distance, haystack, rng)[0]) for key in iter(lambda: random_key(rng), None))
         exact, digits, skipped, started = 0, 0.0, False, time.perf_counter()
-        progress = tqdm(range(trials), desc=f"{distance:,} B", unit="trial", leave=False)
-        for _ in progress:
-            key = random_key(rng)
-            prompt, _ = build_prompt(key, distance, haystack, rng)
+        progress = tqdm(itertools.islice(drawn, first_trial, first_trial + trials), total=trials,
+                        desc=f"{distance:,} B", unit="trial", leave=False)
+        for key, prompt in progress:
             new_tokens = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"]) + 1
             if limit is not None and len(tokenizer(prompt)["input_ids"]) + new_tokens > limit:
                 skipped = True
